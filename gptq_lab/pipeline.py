@@ -1,0 +1,257 @@
+"""Block-by-block quantization of a whole model.
+
+    results = quantize_model(model, calibration_ids, QuantConfig(bits=4))
+
+1. Capture the inputs of the first block (the model runs up to it, then stops).
+2. For each block, on the compute device, one at a time:
+   accumulate each true-sequential group's Hessian from its input (scoped
+   pre-hooks), solve the group with GPTQ, write the quantized weights back, and
+   pass the block's output (computed with quantized weights) to the next block.
+
+When the whole calibration set fits in one batch (the default), a block needs a
+single forward pass: the hook on a group's first linear sees the complete input,
+solves the group on the spot, and the forward continues with quantized weights.
+That is exactly true-sequential GPTQ at the cost of one pass per block. With
+``batch_size`` smaller than the calibration set, each group takes a pass over the
+batches that stops as soon as the group has seen its input, plus a final pass.
+
+The model is left fake-quantized (float weights on the quantization grid); the
+returned ``GPTQResult``s hold codes, scales, zeros and diagnostics for packing.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .arch import block_linears, family_of, get_blocks, in_out_features, set_weight_matrix, weight_matrix
+from .config import QuantConfig
+from .errors import CalibrationError, ConfigError, NumericalError, UnsupportedModelError
+from .gptq import GPTQResult, HessianAccumulator, rtn_result, solve
+
+Progress = Callable[[int, int, str], None]
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass early once it has what it needs."""
+
+
+@contextlib.contextmanager
+def scoped_hooks(handles_factory):
+    """Register hooks via ``handles_factory()`` (-> list of handles); always remove them."""
+    handles = []
+    try:
+        handles = handles_factory()
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def check_model(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            raise UnsupportedModelError(f"parameter {name} is on the meta device (not loaded); load the "
+                                        f"model's weights before quantizing it")
+    if any(type(m).__name__ == "QuantLinear" for m in model.modules()):
+        raise UnsupportedModelError("this model is already quantized (it holds QuantLinear layers); "
+                                    "quantize the float model instead")
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Full names of every quantizable linear, in block and true-sequential order."""
+    family = family_of(model)
+    return [f"{family.blocks}.{i}.{n}" for i in range(len(get_blocks(model, family))) for n in family.linears]
+
+
+def _check_config(model: nn.Module, config: QuantConfig) -> list[str]:
+    names = linear_names(model)
+    unused = config.unused_overrides(names)
+    if unused:
+        raise ConfigError(f"override patterns {unused} match no layer; layer names look like {names[0]!r}")
+    notes = []
+    for name in names:
+        k, _ = in_out_features(model.get_submodule(name))
+        notes += config.check_layer(name, k)
+    return notes
+
+
+def quantize_model(model: nn.Module, calibration: torch.Tensor | None = None,
+                   config: QuantConfig | None = None, method: str = "gptq",
+                   device: str | torch.device | None = None, batch_size: int | None = None,
+                   progress: Progress | None = None) -> dict[str, GPTQResult]:
+    """Quantize ``model`` in place (fake-quant) and return name -> GPTQResult.
+
+    calibration: LongTensor [n_samples, seqlen] of token ids (not needed for RTN).
+    method: "gptq" or "rtn".
+    device: where each block runs (default: cuda if available, else cpu).
+    batch_size: calibration samples per forward (default: all at once, one pass per block).
+    progress: called as progress(done, total, message) after each block.
+    """
+    config = config or QuantConfig()
+    if method not in ("gptq", "rtn"):
+        raise ConfigError(f"method={method!r} is not known; use 'gptq' or 'rtn'")
+    check_model(model)
+    family = family_of(model)
+    blocks = get_blocks(model, family)
+    notes = _check_config(model, config)
+    for note in dict.fromkeys(n.split(": ", 1)[1] for n in notes):
+        warnings.warn(note, stacklevel=2)
+    progress = progress or (lambda *a: None)
+    prefix = family.blocks
+    if method == "rtn":
+        return _rtn_model(blocks, family, config, prefix, progress)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    inputs = capture_block_inputs(model, blocks[0], _check_calibration(model, calibration), batch_size, device)
+    results: dict[str, GPTQResult] = {}
+    for i, block in enumerate(blocks):
+        home = next(block.parameters()).device
+        t0 = time.perf_counter()
+        block.to(device)
+        try:
+            layer_results, inputs = quantize_block(
+                block, family, inputs, lambda n, i=i: config.for_module(f"{prefix}.{i}.{n}"),
+                config.true_sequential)
+        except NumericalError as e:
+            raise NumericalError(f"block {i}: {e}") from None
+        finally:
+            block.to(home)
+        results.update({f"{prefix}.{i}.{n}": r for n, r in layer_results.items()})
+        progress(i + 1, len(blocks), f"block {i} in {time.perf_counter() - t0:.1f}s")
+    return results
+
+
+def _rtn_model(blocks, family, config, prefix, progress):
+    results = {}
+    for i, block in enumerate(blocks):
+        for n, mod in block_linears(block, family).items():
+            res = rtn_result(weight_matrix(mod).float(), config.for_module(f"{prefix}.{i}.{n}"))
+            set_weight_matrix(mod, res.dequantize())
+            results[f"{prefix}.{i}.{n}"] = res
+        progress(i + 1, len(blocks), f"block {i}")
+    return results
+
+
+def _check_calibration(model: nn.Module, ids: torch.Tensor | None) -> torch.Tensor:
+    if ids is None:
+        raise CalibrationError("GPTQ needs calibration token ids [n_samples, seqlen]; see "
+                               "gptq_lab.data.calibration_windows")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise CalibrationError(f"calibration must be an integer tensor [n_samples, seqlen], got "
+                               f"{getattr(ids, 'dtype', type(ids))} {tuple(getattr(ids, 'shape', ()))}")
+    if ids.numel() == 0:
+        raise CalibrationError("calibration is empty")
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise CalibrationError(f"token ids must lie in [0, {vocab}); got [{int(ids.min())}, {int(ids.max())}]."
+                               f" Was the calibration tokenized with this model's tokenizer?")
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if ctx and ids.shape[1] > ctx:
+        raise CalibrationError(f"windows of {ids.shape[1]} tokens exceed the model's context of {ctx}; "
+                               f"use seqlen <= {ctx}")
+    return ids.long()
+
+
+Inputs = list[tuple[torch.Tensor, dict]]
+
+
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, ids: torch.Tensor,
+                         batch_size: int | None, device: torch.device) -> Inputs:
+    """Run the model up to its first block on each batch; return (hidden_states, kwargs) per batch."""
+    captured: Inputs = []
+
+    def hook(_mod, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kw = {k: _to(v, device) for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value",
+                                                                         "layer_past", "use_cache")}
+        captured.append((hidden.to(device), kw))
+        raise _StopForward
+
+    home = next(model.parameters()).device
+    bs = batch_size or ids.shape[0]
+    with torch.no_grad(), scoped_hooks(lambda: [first_block.register_forward_pre_hook(hook, with_kwargs=True)]):
+        for start in range(0, ids.shape[0], bs):
+            try:
+                model(ids[start:start + bs].to(home), use_cache=False)
+            except _StopForward:
+                pass
+    return captured
+
+
+def _to(v, device):
+    if isinstance(v, torch.Tensor):
+        return v.to(device)
+    if isinstance(v, tuple):
+        return tuple(_to(x, device) for x in v)
+    return v
+
+
+def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def quantize_block(block: nn.Module, family, inputs: Inputs, config_for: Callable[[str], QuantConfig],
+                   true_sequential: bool = True) -> tuple[dict[str, GPTQResult], Inputs]:
+    """GPTQ every linear of one block; return (name -> result, the block's outputs as next inputs)."""
+    linears = block_linears(block, family)
+    results: dict[str, GPTQResult] = {}
+
+    def solve_group(group, hessian):
+        for name in group:
+            mod = linears[name]
+            res = solve(weight_matrix(mod), hessian, config_for(name))
+            set_weight_matrix(mod, res.dequantize())
+            results[name] = res
+
+    groups = family.sequential
+    with torch.no_grad():
+        if true_sequential and len(inputs) == 1:
+            def solve_on_input(group):
+                def hook(_mod, args):
+                    acc = HessianAccumulator(args[0].shape[-1], args[0].device)
+                    acc.add(args[0])
+                    solve_group(group, acc.hessian())
+                return hook
+            with scoped_hooks(lambda: [linears[g[0]].register_forward_pre_hook(solve_on_input(g))
+                                       for g in groups]):
+                hidden, kwargs = inputs[0]
+                return results, [(_run_block(block, hidden, kwargs), kwargs)]
+        for passes in ([[g] for g in groups] if true_sequential else [list(groups)]):
+            accs = _accumulate(block, linears, passes, inputs)
+            for g in passes:
+                solve_group(g, accs[g[0]].hessian())
+        return results, [(_run_block(block, h, kw), kw) for h, kw in inputs]
+
+
+def _accumulate(block, linears, groups, inputs: Inputs) -> dict[str, HessianAccumulator]:
+    """One pass over the batches, accumulating each group's Hessian; each batch stops once every
+    group has seen its input."""
+    firsts = [g[0] for g in groups]
+    accs = {n: HessianAccumulator(_in_features(linears[n]), inputs[0][0].device) for n in firsts}
+    seen: set[str] = set()
+
+    def make_hook(name):
+        def hook(_mod, args):
+            accs[name].add(args[0])
+            seen.add(name)
+            if len(seen) == len(firsts):
+                raise _StopForward
+        return hook
+
+    with scoped_hooks(lambda: [linears[n].register_forward_pre_hook(make_hook(n)) for n in firsts]):
+        for hidden, kwargs in inputs:
+            seen.clear()
+            try:
+                _run_block(block, hidden, kwargs)
+            except _StopForward:
+                pass
+    return accs
+
+
+def _in_features(module: nn.Module) -> int:
+    return in_out_features(module)[0]
