@@ -63,7 +63,10 @@ class QuantConfig:
                     f"override {pattern!r} sets {sorted(unknown)}, which cannot vary per module; "
                     f"allowed: {list(_OVERRIDABLE)}"
                 )
-            _check_fields(dataclasses.replace(self, overrides={}, **values), where=f"override {pattern!r}: ")
+            try:
+                dataclasses.replace(self, overrides={}, **values)
+            except ConfigError as e:
+                raise ConfigError(f"override {pattern!r}: {e}") from None
 
     def for_module(self, name: str) -> QuantConfig:
         """The config that applies to the module called ``name`` (overrides resolved)."""
@@ -116,9 +119,9 @@ class QuantConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _check_fields(cfg: QuantConfig, where: str = "") -> None:
+def _check_fields(cfg: QuantConfig) -> None:
     def bad(msg):
-        raise ConfigError(where + msg)
+        raise ConfigError(msg)
 
     if isinstance(cfg.bits, bool) or cfg.bits not in SUPPORTED_BITS:
         bad(f"bits={cfg.bits!r} is not supported; use 2, 3, 4 or 8")
@@ -127,7 +130,7 @@ def _check_fields(cfg: QuantConfig, where: str = "") -> None:
     if cfg.group_size == 0 or cfg.group_size < -1:
         bad(f"group_size={cfg.group_size} is invalid; use a positive size such as 128, or -1 for per-channel")
     if cfg.group_size > 0 and cfg.group_size % 8 and cfg.group_size < 32:
-        warnings.warn(f"{where}group_size={cfg.group_size} is unusual; kernels are tuned for 32, 64, 128", stacklevel=3)
+        warnings.warn(f"group_size={cfg.group_size} is unusual; kernels are tuned for 32, 64, 128", stacklevel=3)
     for name in ("sym", "act_order", "static_groups", "true_sequential"):
         if not isinstance(getattr(cfg, name), bool):
             bad(f"{name}={getattr(cfg, name)!r} must be True or False")
