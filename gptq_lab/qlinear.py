@@ -1,0 +1,176 @@
+"""QuantLinear: a linear layer that holds GPTQ-packed weights, and ``convert`` to swap it in.
+
+    results = quantize_model(model, ids, config)     # model left fake-quantized
+    convert(model, results, config)                   # linears -> QuantLinear, float weights freed
+    y = model(ids)                                     # runs on gptq_lab.kernels
+
+Buffers (K = in_features, N = out_features, G = number of groups), the checkpoint layout:
+  qweight int32 [K * bits / 32, N]   codes packed along K
+  qzeros  int32 [G, N * bits / 32]   TRUE zero points (gptq_v2 convention) packed along N;
+                                     io.save converts to the classic "zero - 1" (v1) on disk
+  scales  fp16  [G, N]
+  g_idx   int32 [K]                  group of each input column (a permutation under act-order)
+  bias    fp16  [N] or None
+K and N must be multiples of 32 // bits (of 32 for 3-bit). Nothing dequantized is kept
+between calls unless ``cache_weight`` is set (that trades the memory saving for speed).
+Keep the layer in fp16: ``model.to(torch.bfloat16)`` would cast ``scales`` too (lossy).
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+import torch
+from torch import nn
+
+from . import kernels
+from .arch import in_out_features, is_conv1d
+from .config import QuantConfig
+from .errors import NumericalError, UnsupportedModelError
+from .gptq import GPTQResult
+from .quant import group_index, pack_qweight, pack_qzeros
+
+CONFIG_ATTR = "gptq_config"   # convert() and io.load() record the QuantConfig on the model here
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W + bias with W stored GPTQ-packed (see the module docstring for the layout)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
+                 sym: bool = True, bias: bool = False, device: torch.device | str | None = None):
+        super().__init__()
+        per = kernels.reference.values_per_word_multiple(bits) if bits in (2, 3, 4, 8) else None
+        if per is None:
+            raise ValueError(f"bits={bits} is not supported; use 2, 3, 4 or 8")
+        if in_features % per or out_features % per:
+            raise ValueError(f"{bits}-bit packing needs in_features and out_features to be multiples "
+                             f"of {per}; got in_features={in_features}, out_features={out_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.sym = bits, group_size, sym
+        self.cache_weight = False
+        self._weight_cache: torch.Tensor | None = None
+        groups = math.ceil(in_features / (in_features if group_size == -1 else group_size))
+        kw = {"device": device}
+        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features,
+                                                    dtype=torch.int32, **kw))
+        self.register_buffer("qzeros", torch.zeros(groups, out_features * bits // 32,
+                                                   dtype=torch.int32, **kw))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, **kw))
+        self.register_buffer("g_idx", group_index(in_features, group_size).to(device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, **kw) if bias else None)
+
+    @property
+    def n_groups(self) -> int:
+        return self.scales.shape[0]
+
+    @classmethod
+    def from_result(cls, result: GPTQResult, bias: torch.Tensor | None = None,
+                    device: torch.device | str | None = None) -> QuantLinear:
+        """Pack a solver result (codes [N, K], scales/zeros [N, G], g_idx [K]) into a QuantLinear."""
+        n, k = result.codes.shape
+        layer = cls(k, n, result.bits, result.group_size, result.sym, bias is not None, device="meta")
+        scales = result.scales.detach().t().float()                                     # [G, N]
+        _check_fp16_range(scales)
+        buffers = {
+            "qweight": pack_qweight(result.codes.cpu(), result.bits),                   # [K*b/32, N]
+            "qzeros": pack_qzeros(result.zeros.cpu(), result.bits, v1=False),           # [G, N*b/32]
+            "scales": scales.half().contiguous(),
+            "g_idx": result.g_idx.to(torch.int32).cpu(),
+        }
+        if bias is not None:
+            buffers["bias"] = bias.detach().to(torch.float16).cpu()
+        target = device if device is not None else result.codes.device
+        for name, value in buffers.items():
+            expected = getattr(layer, name)
+            if value.shape != expected.shape:
+                raise ValueError(f"result for a [{n}, {k}] layer gives {name} {list(value.shape)}, "
+                                 f"expected {list(expected.shape)}")
+            setattr(layer, name, value.to(target))
+        return layer
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [K, N] (input-major)."""
+        return kernels.reference.dequantize_gptq(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] float32/float16/bfloat16 -> [..., N] in x's dtype."""
+        flat = x.reshape(-1, self.in_features)                                           # [M, K]
+        if self.cache_weight:
+            w = self._cached(flat.dtype)
+            out = flat @ w                                                               # [M, N]
+        else:
+            self._weight_cache = None
+            out = kernels.gptq_matmul(flat, self.qweight, self.scales, self.qzeros, self.g_idx, self.bits)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _cached(self, dtype: torch.dtype) -> torch.Tensor:
+        w = self._weight_cache
+        if w is None or w.dtype != dtype or w.device != self.qweight.device:
+            w = self._weight_cache = self.dequantize().to(dtype)
+        return w
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, sym={self.sym}, bias={self.bias is not None}")
+
+
+def _check_fp16_range(scales: torch.Tensor) -> None:
+    biggest = float(scales.abs().max()) if scales.numel() else 0.0
+    if not math.isfinite(biggest) or biggest > 65504:
+        raise NumericalError(f"scales reach {biggest:.4g}, outside the fp16 range (65504) of the GPTQ "
+                             f"format; the layer's weights are too large to store in this format")
+    if bool(((scales != 0) & (scales.half() == 0)).any()):
+        raise NumericalError(f"some scales (smallest {float(scales[scales != 0].abs().min()):.3g}) "
+                             f"underflow to 0 in fp16; the layer's weights are too small for the format")
+
+
+def infer_config(results: dict[str, GPTQResult | QuantLinear]) -> QuantConfig:
+    """A QuantConfig consistent with ``results`` (or QuantLinear layers): the most common
+    (bits, group_size, sym) as the base, exact-name overrides for other layers, act_order if
+    any g_idx is permuted. Fields not recorded there (damp, true_sequential...) keep defaults."""
+    if not results:
+        raise ValueError("results is empty: nothing was quantized")
+    def key(r):
+        return r.bits, r.group_size, r.sym
+
+    (bits, group_size, sym), _ = Counter(key(r) for r in results.values()).most_common(1)[0]
+    overrides = {f"^{re.escape(name)}$": {"bits": r.bits, "group_size": r.group_size, "sym": r.sym}
+                 for name, r in results.items() if key(r) != (bits, group_size, sym)}
+    act_order = any(not torch.equal(r.g_idx.cpu(), group_index(len(r.g_idx), r.group_size))
+                    for r in results.values())
+    return QuantConfig(bits=bits, group_size=group_size, sym=sym, act_order=act_order, overrides=overrides)
+
+
+def convert(model: nn.Module, results: dict[str, GPTQResult], config: QuantConfig | None = None) -> nn.Module:
+    """Replace every linear named in ``results`` by a QuantLinear (in place) and return the model.
+
+    Works on nn.Linear and transformers' Conv1D (GPT-2); the float weights are dropped. The
+    QuantConfig (``config``, or one inferred from the results) is recorded as
+    ``model.gptq_config`` for io.save.
+    """
+    for name, result in results.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise UnsupportedModelError(f"results name {name!r} is not a module of this model") from None
+        if isinstance(module, QuantLinear):
+            raise UnsupportedModelError(f"{name} is already a QuantLinear; convert each model once")
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+            raise UnsupportedModelError(f"{name} is a {type(module).__name__}, not nn.Linear or Conv1D")
+        k, n = in_out_features(module)
+        if tuple(result.codes.shape) != (n, k):
+            raise UnsupportedModelError(f"result for {name} has codes {list(result.codes.shape)} but the "
+                                        f"layer is [{n}, {k}] (out, in); results belong to another model?")
+        layer = QuantLinear.from_result(result, module.bias, device=module.weight.device)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    setattr(model, CONFIG_ATTR, config if config is not None else infer_config(results))
+    return model
+
+
+def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
+    """Full name -> QuantLinear for every quantized layer of ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
