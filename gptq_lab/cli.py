@@ -72,7 +72,7 @@ def cmd_quantize(args) -> None:
     from . import data
     from .eval import perplexity
     from .pipeline import quantize_model
-    config = _config_from_args(args)
+    config = _config_from_args(args)                 # validate before the slow part
     model, tokenizer = data.load_model(args.model)
     calib = None
     if args.method == "gptq":
