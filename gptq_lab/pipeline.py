@@ -85,7 +85,9 @@ def quantize_model(model: nn.Module, calibration: torch.Tensor | None = None,
                    config: QuantConfig | None = None, method: str = "gptq",
                    device: str | torch.device | None = None, batch_size: int | None = None,
                    progress: Progress | None = None,
-                   compute_dtype: torch.dtype | None = None) -> dict[str, GPTQResult]:
+                   compute_dtype: torch.dtype | None = None,
+                   on_block: Callable[[int, dict[str, GPTQResult]], None] | None = None,
+                   ) -> dict[str, GPTQResult]:
     """Quantize ``model`` in place (fake-quant) and return name -> GPTQResult.
 
     calibration: LongTensor [n_samples, seqlen] of token ids (not needed for RTN).
@@ -94,6 +96,7 @@ def quantize_model(model: nn.Module, calibration: torch.Tensor | None = None,
     batch_size: calibration samples per forward (default: all at once, one pass per block).
     progress: called as progress(done, total, message) after each block.
     compute_dtype: dtype of the calibration forward (default: see _default_compute_dtype).
+    on_block: called as on_block(block_index, {full_name: result}) after each block (live views).
     """
     config = config or QuantConfig()
     if method not in ("gptq", "rtn"):
@@ -107,7 +110,9 @@ def quantize_model(model: nn.Module, calibration: torch.Tensor | None = None,
     progress = progress or (lambda *a: None)
     prefix = family.blocks
     if method == "rtn":
-        return _rtn_model(blocks, family, config, prefix, progress)
+        results = _rtn_model(blocks, family, config, prefix, progress, on_block)
+        model.gptq_config = config
+        return results
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     inputs = capture_block_inputs(model, blocks[0], _check_calibration(model, calibration), batch_size, device)
     results: dict[str, GPTQResult] = {}
@@ -116,8 +121,12 @@ def quantize_model(model: nn.Module, calibration: torch.Tensor | None = None,
         t0 = time.perf_counter()
         layer_results, inputs = _quantize_block_copy(block, family, inputs, device, dtype, config,
                                                      f"{prefix}.{i}")
-        results.update({f"{prefix}.{i}.{n}": r for n, r in layer_results.items()})
+        named = {f"{prefix}.{i}.{n}": r for n, r in layer_results.items()}
+        results.update(named)
+        if on_block:
+            on_block(i, named)
         progress(i + 1, len(blocks), f"block {i} in {time.perf_counter() - t0:.1f}s")
+    model.gptq_config = config
     return results
 
 
@@ -150,13 +159,17 @@ def _quantize_block_copy(block, family, inputs, device, dtype, config, block_nam
     return layer_results, outputs
 
 
-def _rtn_model(blocks, family, config, prefix, progress):
+def _rtn_model(blocks, family, config, prefix, progress, on_block):
     results = {}
     for i, block in enumerate(blocks):
+        named = {}
         for n, mod in block_linears(block, family).items():
             res = rtn_result(weight_matrix(mod).float(), config.for_module(f"{prefix}.{i}.{n}"))
             set_weight_matrix(mod, res.dequantize())
-            results[f"{prefix}.{i}.{n}"] = res
+            named[f"{prefix}.{i}.{n}"] = res
+        results.update(named)
+        if on_block:
+            on_block(i, named)
         progress(i + 1, len(blocks), f"block {i}")
     return results
 
