@@ -1,18 +1,22 @@
 """gptq_lab: quantize language models with GPTQ, and see what GPTQ does.
 
 The core API (no notebook dependencies):
-    QuantConfig, quantize_model, solve, HessianAccumulator, evaluate_perplexity
+    QuantConfig, quantize_model, convert, save, load, QuantLinear, solve, HessianAccumulator
+Data and evaluation: ``gptq_lab.data``, ``gptq_lab.eval``.
 The notebook objects live in ``gptq_lab.lab``.
 """
+__version__ = "0.1.0"   # before the imports: io.py records it in checkpoints
+
 from .config import QuantConfig
 from .errors import (AssetMissingError, CalibrationError, CheckpointError, ConfigError, GPTQLabError,
                      NumericalError, UnsupportedModelError)
 from .gptq import GPTQResult, HessianAccumulator, rtn_result, solve
+from .io import load, save
 from .pipeline import quantize_model
+from .qlinear import QuantLinear, convert
 
-__version__ = "0.1.0"
 __all__ = [
-    "QuantConfig", "quantize_model", "solve", "rtn_result", "HessianAccumulator", "GPTQResult",
+    "QuantConfig", "quantize_model", "convert", "save", "load", "QuantLinear", "solve", "rtn_result", "HessianAccumulator", "GPTQResult",
     "GPTQLabError", "ConfigError", "AssetMissingError", "CalibrationError", "NumericalError",
     "UnsupportedModelError", "CheckpointError",
 ]
