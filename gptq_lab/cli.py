@@ -22,22 +22,8 @@ EPILOG = {
 
 
 def _bar(desc: str):
-    """A progress callback backed by tqdm (one bar per total)."""
-    from tqdm.auto import tqdm
-    state = {}
-
-    def progress(done: int, total: int, msg: str) -> None:
-        bar = state.get("bar")
-        if bar is None or bar.total != total or done < bar.n:
-            if bar is not None:
-                bar.close()
-            bar = state["bar"] = tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
-        bar.set_postfix_str(msg[-60:], refresh=False)
-        bar.update(done - bar.n)
-        if done == total:
-            bar.close()
-            state.pop("bar")
-    return progress
+    from .progress import tqdm_progress
+    return tqdm_progress(desc)
 
 
 def cmd_fetch(args) -> None:

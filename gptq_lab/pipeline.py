@@ -33,8 +33,9 @@ from .arch import block_linears, family_of, get_blocks, in_out_features, set_wei
 from .config import QuantConfig
 from .errors import CalibrationError, ConfigError, NumericalError, UnsupportedModelError
 from .gptq import GPTQResult, HessianAccumulator, rtn_result, solve
+from .progress import Progress
+from .progress import resolve as resolve_progress
 
-Progress = Callable[[int, int, str], None]
 
 
 class _StopForward(Exception):
@@ -84,7 +85,7 @@ def _check_config(model: nn.Module, config: QuantConfig) -> list[str]:
 def quantize_model(model: nn.Module, calibration: torch.Tensor | None = None,
                    config: QuantConfig | None = None, method: str = "gptq",
                    device: str | torch.device | None = None, batch_size: int | None = None,
-                   progress: Progress | None = None,
+                   progress: Progress | bool | None = None,
                    compute_dtype: torch.dtype | None = None,
                    on_block: Callable[[int, dict[str, GPTQResult]], None] | None = None,
                    ) -> dict[str, GPTQResult]:
@@ -94,7 +95,8 @@ def quantize_model(model: nn.Module, calibration: torch.Tensor | None = None,
     method: "gptq" or "rtn".
     device: where each block runs (default: cuda if available, else cpu).
     batch_size: calibration samples per forward (default: all at once, one pass per block).
-    progress: called as progress(done, total, message) after each block.
+    progress: called as progress(done, total, message) after each block; None draws a
+        tqdm.auto bar, False is silent.
     compute_dtype: dtype of the calibration forward (default: see _default_compute_dtype).
     on_block: called as on_block(block_index, {full_name: result}) after each block (live views).
     """
@@ -107,7 +109,7 @@ def quantize_model(model: nn.Module, calibration: torch.Tensor | None = None,
     notes = _check_config(model, config)
     for note in dict.fromkeys(n.split(": ", 1)[1] for n in notes):
         warnings.warn(note, stacklevel=2)
-    progress = progress or (lambda *a: None)
+    progress = resolve_progress(progress, f"{method} {config.bits}-bit")
     prefix = family.blocks
     if method == "rtn":
         results = _rtn_model(blocks, family, config, prefix, progress, on_block)
