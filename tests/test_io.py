@@ -268,7 +268,7 @@ def test_failed_save_leaves_the_earlier_checkpoint_intact(tmp_path, checkpoint, 
             raise OSError(28, "No space left on device")
         save_file(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(io, "save_file", failing_save_file)
+    monkeypatch.setattr("gptq_lab.io.writer.save_file", failing_save_file)
     with pytest.raises(OSError, match="No space left"):
         io.save(model, target, max_shard_size="40KB")
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
@@ -281,7 +281,7 @@ def test_failed_save_leaves_the_earlier_checkpoint_intact(tmp_path, checkpoint, 
     monkeypatch.undo()
     io.save(model, target)                                 # a good save replaces it (renameat2 swap)
     assert io.describe_checkpoint(target)["model_type"] == "opt"
-    monkeypatch.setattr(io, "_exchange", lambda a, b: False)
+    monkeypatch.setattr("gptq_lab.atomic._exchange", lambda a, b: False)
     io.save(model, target, checkpoint_format="gptq_v2")   # the two-rename fallback
     assert io.describe_checkpoint(target)["format"] == "gptq_v2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
