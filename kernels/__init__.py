@@ -9,6 +9,7 @@ Importing this package never initialises CUDA.
 """
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
 import torch
@@ -16,6 +17,12 @@ import torch
 from . import reference
 
 BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"reference": reference.gptq_matmul}
+
+if importlib.util.find_spec("triton") is not None:
+    from . import ops as triton_ops          # registers the custom ops; imports neither triton nor CUDA
+    BACKENDS["triton"] = triton_ops.gptq_matmul
+else:
+    triton_ops = None
 
 
 def available_backends() -> list[str]:
@@ -25,13 +32,15 @@ def available_backends() -> list[str]:
 
 def default_backend(device: torch.device) -> str:
     """The backend used for inputs on ``device`` when none is named."""
-    return "reference"
+    return "triton" if device.type == "cuda" and "triton" in BACKENDS else "reference"
 
 
 def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                 g_idx: torch.Tensor, bits: int, backend: str | None = None) -> torch.Tensor:
     """``x`` [M, K] @ dequantized W [K, N] -> [M, N] in x's dtype (no bias)."""
     name = backend or default_backend(x.device)
+    if backend is None and name == "triton" and not triton_ops.supports(x, bits):
+        name = "reference"                     # float32 activations or 3-bit: the torch path
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r} is not available; available: {available_backends()}")
     return BACKENDS[name](x, qweight, scales, qzeros, g_idx, bits)
