@@ -82,7 +82,7 @@ class GPTQResult:
         return float(self.column_loss.sum())
 
     def dequantize(self) -> torch.Tensor:
-        g = self.g_idx.long()
+        g = self.g_idx.long().to(self.scales.device)
         return self.scales[:, g] * (self.codes.float() - self.zeros[:, g].float())
 
 

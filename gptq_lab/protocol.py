@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import torch
+
 from . import data
 from .config import QuantConfig
 from .eval import perplexity
@@ -74,23 +76,37 @@ class Row:
     gptq_loss: float | None = None
 
 
-def run_protocol(protocol: Protocol, model_name: str = "demo", progress: Progress | None = None,
-                 on_row: Callable[[Row], None] | None = None) -> list[Row]:
-    """Quantize and evaluate every variant of ``protocol``; return one Row per variant."""
-    model, tokenizer = data.load_model(model_name)
+def protocol_windows(protocol: Protocol, tokenizer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(calibration [n_samples, seqlen], {eval set: windows [n, seqlen]}) as the protocol says."""
     calib = data.calibration_windows(tokenizer, protocol.calib_sources, protocol.n_samples,
                                      protocol.seqlen, protocol.seed)
     evals = {name: data.eval_windows(tokenizer, name, protocol.eval_windows, protocol.seqlen)
              for name in protocol.eval_sets}
+    return calib, evals
+
+
+def run_protocol(protocol: Protocol, model_name: str = "demo", progress: Progress | None = None,
+                 on_row: Callable[[Row], None] | None = None, device: str = "cpu") -> list[Row]:
+    """Quantize and evaluate every variant of ``protocol``; return one Row per variant."""
+    _, tokenizer = data.load_model(model_name)
+    calib, evals = protocol_windows(protocol, tokenizer)
+    return run_variants(lambda: data.load_model(model_name, device=device)[0], calib, evals,
+                        protocol.variants, device, progress, on_row)
+
+
+def run_variants(load: Callable[[], torch.nn.Module], calib: torch.Tensor, evals: dict[str, torch.Tensor],
+                 variants: tuple[Variant, ...], device: str = "cpu", progress: Progress | None = None,
+                 on_row: Callable[[Row], None] | None = None) -> list[Row]:
+    """For each variant: a fresh float model from ``load()``, quantized on ``device``, then
+    perplexity on every eval set."""
     rows = []
-    for variant in protocol.variants:
-        if rows:                                   # a fresh float model for every variant
-            model, _ = data.load_model(model_name)
+    for variant in variants:
+        model = load()
         row = Row(variant.label, None)
         if variant.method:
             t0 = time.perf_counter()
-            results = quantize_model(model, calib, variant.config, method=variant.method,
-                                     device="cpu", progress=_tagged(progress, variant.label))
+            results = quantize_model(model, calib, variant.config, method=variant.method, device=device,
+                                     progress=_tagged(progress, variant.label) or False)
             row.quantize_seconds = time.perf_counter() - t0
             if variant.method == "gptq":
                 row.gptq_loss = sum(r.loss for r in results.values())

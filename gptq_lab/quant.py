@@ -70,7 +70,7 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int, sym: bool):
     w = weight.float()
     g_idx = group_index(k, group_size)
     size = k if group_size == -1 else group_size
-    scales, zeros, codes = [], [], torch.empty(n, k, dtype=torch.uint8)
+    scales, zeros, codes = [], [], torch.empty(n, k, dtype=torch.uint8, device=w.device)
     for start in range(0, k, size):
         cols = w[:, start:start + size]
         scale, zero = compute_qparams(cols, bits, sym)
