@@ -2,8 +2,8 @@
 
     python benchmarks/checkpoint_size.py [--out DIR] [--windows 2]
 
-The 4-bit checkpoint is made with RTN (sizes do not depend on the solver) at
-QuantConfig(bits=4, group_size=128); its other weights (embeddings, norms) are fp16, as in
+The 4-bit checkpoint is made with GPTQ on the protocol's calibration (``--method rtn`` is
+quicker; sizes do not depend on the solver) at QuantConfig(bits=4, group_size=128); its other weights (embeddings, norms) are fp16, as in
 standard GPTQ checkpoints. Each checkpoint is loaded in a fresh subprocess, which reports
 its RSS growth (after loading, and after one forward that touches every weight: loaded
 safetensors are memory-mapped, so pages arrive on first use) and the bytes of its tensors.
@@ -100,7 +100,7 @@ def cast_float_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
                 module._buffers[name] = b.to(dtype)
 
 
-def write_checkpoints(out: Path) -> tuple[dict, object, object]:
+def write_checkpoints(out: Path, method: str = "gptq", n_samples: int = 128) -> tuple[dict, object, object]:
     """Save fp32, fp16 and GPTQ 4-bit g128 checkpoints; return paths, the converted model, tokenizer."""
     from gptq_lab import QuantConfig, data, io, quantize_model
     from gptq_lab.qlinear import convert
@@ -109,7 +109,11 @@ def write_checkpoints(out: Path) -> tuple[dict, object, object]:
     model.save_pretrained(paths["float32"])
     copy.deepcopy(model).half().save_pretrained(paths["float16"])
     config = QuantConfig(bits=4, group_size=128)
-    results = quantize_model(model, config=config, method="rtn")
+    calib = (data.calibration_windows(tokenizer, ("emma", "mansfield_park"), n_samples, 512, 0)
+             if method == "gptq" else None)
+    t0 = time.perf_counter()
+    results = quantize_model(model, calib, config, method=method, progress=False)
+    print(f"{method} 4-bit g128 quantization: {time.perf_counter() - t0:.1f} s")
     before = tensor_bytes(model)
     convert(model, results, config)
     print(f"convert: tensor bytes {before / 1e6:.1f} MB -> {tensor_bytes(model) / 1e6:.1f} MB (fp32 model)")
@@ -151,6 +155,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="where to write the checkpoints (default: temp)")
     parser.add_argument("--windows", type=int, default=2, help="eval windows for the round-trip check")
+    parser.add_argument("--method", choices=["gptq", "rtn"], default="gptq",
+                        help="how the 4-bit checkpoint is made (sizes do not depend on it)")
+    parser.add_argument("--n-samples", type=int, default=128, help="GPTQ calibration windows of 512 tokens")
     parser.add_argument("--measure", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
@@ -158,7 +165,7 @@ def main(argv=None) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
-        paths, model, tokenizer = write_checkpoints(out)
+        paths, model, tokenizer = write_checkpoints(out, args.method, args.n_samples)
         measured = {kind: run_measure(kind, path) for kind, path in paths.items()}
         print(f"demo model (SmolLM2-135M), torch {torch.__version__}, {torch.get_num_threads()} threads")
         print(table(paths, measured))
