@@ -82,7 +82,7 @@ def _swap(new: Path, target: Path) -> Path:
     os.rename(target, old)
     try:
         os.rename(new, target)
-    except OSError:
+    except BaseException:                             # OSError, or KeyboardInterrupt between the renames
         os.rename(old, target)
         raise
     return old

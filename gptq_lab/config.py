@@ -50,7 +50,12 @@ class QuantConfig:
 
     def __post_init__(self):
         _check_fields(self)
+        if not isinstance(self.overrides, dict):
+            raise ConfigError(f"overrides={self.overrides!r} must be a dict {{regex: {{field: value}}}}, "
+                              f"e.g. {{'down_proj': {{'bits': 8}}}}")
         for pattern, values in self.overrides.items():
+            if not isinstance(pattern, str):
+                raise ConfigError(f"override pattern {pattern!r} must be a regex string such as 'down_proj'")
             try:
                 re.compile(pattern)
             except re.error as e:
@@ -109,10 +114,12 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"QuantConfig.from_dict needs a dict of fields, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ConfigError(f"unknown QuantConfig fields {sorted(unknown)}; known: {sorted(known)}")
+            raise ConfigError(f"unknown QuantConfig fields {sorted(unknown, key=repr)}; known: {sorted(known)}")
         return cls(**d)
 
     def replace(self, **changes) -> QuantConfig:
@@ -123,7 +130,7 @@ def _check_fields(cfg: QuantConfig) -> None:
     def bad(msg):
         raise ConfigError(msg)
 
-    if isinstance(cfg.bits, bool) or cfg.bits not in SUPPORTED_BITS:
+    if not isinstance(cfg.bits, int) or isinstance(cfg.bits, bool) or cfg.bits not in SUPPORTED_BITS:
         bad(f"bits={cfg.bits!r} is not supported; use 2, 3, 4 or 8")
     if isinstance(cfg.group_size, bool) or not isinstance(cfg.group_size, int):
         bad(f"group_size={cfg.group_size!r} must be an int: a positive size or -1 for per-channel")

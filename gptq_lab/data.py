@@ -274,7 +274,7 @@ def fetch_all(progress: Progress = None) -> dict[str, Path]:
 def corpus(name: str) -> str:
     """The cached text of a corpus in `CORPORA` ("austen" joins six novels with "\\n\\n")."""
     if name not in CORPORA:
-        raise ValueError(f"unknown corpus {name!r}; known: {', '.join(CORPORA)}")
+        raise CalibrationError(f"unknown corpus {name!r}; known: {', '.join(CORPORA)}")
     names = list(_AUSTEN) if name == "austen" else [name]
     files = _corpus_files()
     missing = [n for n in names if not files[n].is_file()]
@@ -296,7 +296,7 @@ def load_text(source: Any) -> str:
         path = Path(source)
         if path.is_file():
             return path.read_text(encoding="utf-8")
-        raise ValueError(
+        raise CalibrationError(
             f"{str(source)[:80]!r} is neither an existing file nor a known corpus "
             f"({', '.join(CORPORA)}); pass raw text as a list of strings"
         )
@@ -308,7 +308,7 @@ def load_text(source: Any) -> str:
         datasets = None
     if datasets is not None and isinstance(source, datasets.Dataset):
         if "text" not in source.column_names:
-            raise ValueError(f"dataset has no 'text' column; columns: {source.column_names}")
+            raise CalibrationError(f"dataset has no 'text' column; columns: {source.column_names}")
         return "\n\n".join(source["text"])
     raise TypeError(
         f"cannot read text from {type(source).__name__}; pass a corpus name, a file path, "

@@ -6,7 +6,7 @@ class GPTQLabError(Exception):
 
 
 class ConfigError(GPTQLabError, ValueError):
-    """A QuantConfig (or a CLI option) holds a value that cannot work."""
+    """A QuantConfig, a CLI option or a packing argument holds a value that cannot work."""
 
 
 class AssetMissingError(GPTQLabError, FileNotFoundError):

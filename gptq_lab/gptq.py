@@ -88,9 +88,10 @@ class GPTQResult:
 
 def _damped_inverse_cholesky(hessian: torch.Tensor, damp: float):
     """Upper Cholesky factor of (H + damp*mean(diag) I)^-1, escalating damp on failure."""
+    if not bool(torch.isfinite(hessian).all()):
+        raise NumericalError("the Hessian contains NaN or Inf; the layer's inputs overflowed (run the "
+                             "calibration forward in float32: compute_dtype=torch.float32)")
     diag_mean = float(torch.diag(hessian).mean())
-    if not math.isfinite(diag_mean):
-        raise NumericalError("the Hessian contains NaN or Inf; the layer's inputs overflowed")
     base = max(diag_mean, 1e-12)
     rel = damp if damp > 0 else 1e-8
     for escalation in range(MAX_ESCALATIONS + 1):
@@ -106,10 +107,27 @@ def _damped_inverse_cholesky(hessian: torch.Tensor, damp: float):
                 return hinv_chol, frac * base, escalation, cond
     raise NumericalError(
         f"the Hessian is not positive definite even with damping raised to "
-        f"{rel * DAMP_ESCALATION ** MAX_ESCALATIONS:g} x mean diagonal ({base:.3g}); causes: too few "
-        f"or duplicate calibration samples, or dead input channels. Diagnostics: K={hessian.shape[0]}, "
-        f"zero diagonal entries={int((torch.diag(hessian) == 0).sum())}"
+        f"{rel * DAMP_ESCALATION ** MAX_ESCALATIONS:g} x mean diagonal ({base:.3g}). {_diagnose(hessian)}"
     )
+
+
+def _diagnose(hessian: torch.Tensor) -> str:
+    """Why a Hessian resists damping, with the numbers (called only when the solve has failed)."""
+    diag = torch.diag(hessian)
+    try:
+        eig = torch.linalg.eigvalsh((hessian + hessian.T).double() / 2)          # [K] ascending
+        spectrum = (f"smallest eigenvalue {float(eig[0]):.3g}, largest {float(eig[-1]):.3g}, "
+                    f"rank ~{int((eig > eig[-1].abs() * 1e-7).sum())}")
+    except RuntimeError as e:                                 # torch.linalg.LinAlgError
+        spectrum = f"eigenvalues not computable ({e})"
+    asym = float((hessian - hessian.T).abs().max())
+    return (f"Diagnostics: K={hessian.shape[0]}, {spectrum}, negative diagonal entries="
+            f"{int((diag < 0).sum())}, zero diagonal entries (dead channels)={int((diag == 0).sum())}, "
+            f"max asymmetry {asym:.3g}. A Hessian from HessianAccumulator (2/n X^T X) is positive "
+            f"semi-definite and damping always repairs it when singular (too few calibration tokens "
+            f"for in_features, duplicate samples, dead channels); negative eigenvalues mean it was built "
+            f"or edited elsewhere or lost precision: rebuild it from calibration inputs in float32 with "
+            f"more, distinct samples, or raise damp")
 
 
 def condition_estimate(chol: torch.Tensor) -> float:
@@ -162,7 +180,9 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig) -> G
     hinv, damp_abs, escalations, cond = _damped_inverse_cholesky(h, config.damp)
     if escalations:
         notes.append(f"Cholesky failed with damp={config.damp}; succeeded after raising damping "
-                     f"{escalations} time(s) to {damp_abs:.3g} (absolute)")
+                     f"{escalations} time(s) to {damp_abs:.3g} (absolute). The Hessian is (near-)singular: "
+                     f"too few or duplicate calibration samples, or dead input channels "
+                     f"({int(dead.sum())} here)")
 
     q_codes = torch.zeros(n, k, dtype=torch.uint8, device=dev)
     losses = torch.zeros(n, k, device=dev)

@@ -70,8 +70,20 @@ def linear_names(model: nn.Module) -> list[str]:
     return [f"{family.blocks}.{i}.{n}" for i in range(len(get_blocks(model, family))) for n in family.linears]
 
 
+def _check_weights(model: nn.Module, names: list[str]) -> None:
+    """NaN/Inf in a weight to be quantized fails here, before any work, naming the layers."""
+    bad = [f"{n} ({int((~torch.isfinite(w)).sum())} of {w.numel()} values)"
+           for n in names if not bool(torch.isfinite(w := weight_matrix(model.get_submodule(n))).all())]
+    if bad:
+        raise NumericalError(f"NaN or Inf in the weights of {', '.join(bad[:5])}"
+                             f"{f' and {len(bad) - 5} more layers' if len(bad) > 5 else ''}; the model is "
+                             f"corrupt (or overflowed when cast): reload it in float32 before quantizing")
+
+
 def _check_config(model: nn.Module, config: QuantConfig) -> list[str]:
     names = linear_names(model)
+    if not names:
+        raise UnsupportedModelError(f"the model has no {family_of(model).blocks} blocks: nothing to quantize")
     unused = config.unused_overrides(names)
     if unused:
         raise ConfigError(f"override patterns {unused} match no layer; layer names look like {names[0]!r}")
@@ -107,6 +119,7 @@ def quantize_model(model: nn.Module, calibration: torch.Tensor | None = None,
     family = family_of(model)
     blocks = get_blocks(model, family)
     notes = _check_config(model, config)
+    _check_weights(model, linear_names(model))
     for note in dict.fromkeys(n.split(": ", 1)[1] for n in notes):
         warnings.warn(note, stacklevel=2)
     progress = resolve_progress(progress, f"{method} {config.bits}-bit")
@@ -151,9 +164,10 @@ def _quantize_block_copy(block, family, inputs, device, dtype, config, block_nam
     try:
         layer_results, outputs = quantize_block(
             work, family, inputs, lambda n: config.for_module(f"{block_name}.{n}"),
-            config.true_sequential, masters)
+            config.true_sequential, masters, prefix=f"{block_name}.")
     except NumericalError as e:
-        raise NumericalError(f"{block_name}: {e}") from None
+        raise NumericalError(f"{e}. Nothing was written to {block_name} or later blocks; earlier "
+                             f"blocks are quantized in place") from None
     finally:
         del work
     for name, mod in block_linears(block, family).items():
@@ -181,10 +195,15 @@ def _check_calibration(model: nn.Module, ids: torch.Tensor | None) -> torch.Tens
         raise CalibrationError("GPTQ needs calibration token ids [n_samples, seqlen]; see "
                                "gptq_lab.data.calibration_windows")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-        raise CalibrationError(f"calibration must be an integer tensor [n_samples, seqlen], got "
-                               f"{getattr(ids, 'dtype', type(ids))} {tuple(getattr(ids, 'shape', ()))}")
+        raise CalibrationError(f"calibration must be an integer tensor [n_samples, seqlen] of token ids, got "
+                               f"{getattr(ids, 'dtype', type(ids))} {tuple(getattr(ids, 'shape', ()))}; "
+                               f"tokenize with gptq_lab.data.calibration_windows (int64 ids)")
     if ids.numel() == 0:
-        raise CalibrationError("calibration is empty")
+        raise CalibrationError(f"calibration is empty (shape {tuple(ids.shape)}); pass at least one window "
+                               f"of token ids, e.g. gptq_lab.data.calibration_windows(tokenizer, n_samples=128)")
+    if ids.device.type == "meta":
+        raise CalibrationError("calibration ids are on the meta device, which holds no values; pass real "
+                               "token ids (on any device: they are moved to the model's)")
     vocab = model.get_input_embeddings().num_embeddings
     if int(ids.min()) < 0 or int(ids.max()) >= vocab:
         raise CalibrationError(f"token ids must lie in [0, {vocab}); got [{int(ids.min())}, {int(ids.max())}]."
@@ -238,11 +257,12 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
 
 def quantize_block(block: nn.Module, family, inputs: Inputs, config_for: Callable[[str], QuantConfig],
                    true_sequential: bool = True, masters: dict[str, torch.Tensor] | None = None,
-                   ) -> tuple[dict[str, GPTQResult], Inputs]:
+                   prefix: str = "") -> tuple[dict[str, GPTQResult], Inputs]:
     """GPTQ every linear of one block in place; return (name -> result, the block's outputs).
 
     masters: optional float32 [out, in] weights to solve from (when the block runs in a
-    lower precision); by default the block's own weights.
+    lower precision); by default the block's own weights. prefix: the block's name plus a dot,
+    put before a linear's name in errors and warnings.
     """
     linears = block_linears(block, family)
     results: dict[str, GPTQResult] = {}
@@ -251,7 +271,12 @@ def quantize_block(block: nn.Module, family, inputs: Inputs, config_for: Callabl
         for name in group:
             mod = linears[name]
             weight = masters[name] if masters is not None else weight_matrix(mod)
-            res = solve(weight, hessian, config_for(name))
+            with _layer_named(prefix + name):
+                res = solve(weight, hessian, config_for(name))
+            if bool(res.dead_channels.all()):
+                warnings.warn(f"{prefix}{name}: every input channel was zero for this calibration, so GPTQ "
+                              f"has no information and quantized the layer to zero (result.notes records "
+                              f"it); check the calibration data or the layer's preceding norm", stacklevel=2)
             set_weight_matrix(mod, res.dequantize())
             results[name] = res
 
@@ -261,7 +286,8 @@ def quantize_block(block: nn.Module, family, inputs: Inputs, config_for: Callabl
             def solve_on_input(group):
                 def hook(_mod, args):
                     acc = HessianAccumulator(args[0].shape[-1], args[0].device)
-                    acc.add(args[0])
+                    with _layer_named(prefix + group[0]):
+                        acc.add(args[0])
                     solve_group(group, acc.hessian())
                 return hook
             with scoped_hooks(lambda: [linears[g[0]].register_forward_pre_hook(solve_on_input(g))
@@ -269,13 +295,13 @@ def quantize_block(block: nn.Module, family, inputs: Inputs, config_for: Callabl
                 hidden, kwargs = inputs[0]
                 return results, [(_run_block(block, hidden, kwargs), kwargs)]
         for passes in ([[g] for g in groups] if true_sequential else [list(groups)]):
-            accs = _accumulate(block, linears, passes, inputs)
+            accs = _accumulate(block, linears, passes, inputs, prefix)
             for g in passes:
                 solve_group(g, accs[g[0]].hessian())
         return results, [(_run_block(block, h, kw), kw) for h, kw in inputs]
 
 
-def _accumulate(block, linears, groups, inputs: Inputs) -> dict[str, HessianAccumulator]:
+def _accumulate(block, linears, groups, inputs: Inputs, prefix: str = "") -> dict[str, HessianAccumulator]:
     """One pass over the batches, accumulating each group's Hessian; each batch stops once every
     group has seen its input."""
     firsts = [g[0] for g in groups]
@@ -284,7 +310,8 @@ def _accumulate(block, linears, groups, inputs: Inputs) -> dict[str, HessianAccu
 
     def make_hook(name):
         def hook(_mod, args):
-            accs[name].add(args[0])
+            with _layer_named(prefix + name):
+                accs[name].add(args[0])
             seen.add(name)
             if len(seen) == len(firsts):
                 raise _StopForward
@@ -298,6 +325,15 @@ def _accumulate(block, linears, groups, inputs: Inputs) -> dict[str, HessianAccu
             except _StopForward:
                 pass
     return accs
+
+
+@contextlib.contextmanager
+def _layer_named(name: str):
+    """Put the layer's full name in front of a NumericalError raised inside."""
+    try:
+        yield
+    except NumericalError as e:
+        raise NumericalError(f"{name}: {e}") from None
 
 
 def _in_features(module: nn.Module) -> int:

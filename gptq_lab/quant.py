@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from .errors import ConfigError
+
 
 def maxq(bits: int) -> int:
     return (1 << bits) - 1
@@ -84,22 +86,32 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int, sym: bool):
 
 def packed_length(length: int, bits: int) -> int:
     """int32 words holding ``length`` values of ``bits`` bits (length must be a multiple of 32
-    for 3-bit, of 32 // bits otherwise)."""
+    for 3-bit, of 32 // bits otherwise). ConfigError for other bits or lengths."""
+    if isinstance(bits, bool) or bits not in (2, 3, 4, 8):
+        raise ConfigError(f"bits={bits!r} cannot be packed; the GPTQ format packs 2, 3, 4 or 8 bits")
     per = 32 if bits == 3 else 32 // bits
     if length % per:
-        raise ValueError(f"{length} values of {bits} bits do not fill whole int32 words; "
-                         f"the length must be a multiple of {per}")
+        raise ConfigError(f"{length} values of {bits} bits do not fill whole int32 words; "
+                          f"the length must be a multiple of {per}")
     return length * bits // 32
 
 
 def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     """values [R, L] ints in [0, 2**bits) -> int32 [R, L * bits / 32], bit stream along L."""
+    _check_matrix(values, "values")
     r, length = values.shape
     words_n = packed_length(length, bits)
+    if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+        raise ConfigError(f"values to pack must be integer codes, got {values.dtype}; round and cast first")
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) > maxq(bits)):
+        raise ConfigError(f"values to pack must lie in [0, {maxq(bits)}] for bits={bits}, found "
+                          f"[{int(values.min())}, {int(values.max())}]")
+    if values.numel() == 0:
+        return torch.zeros(r, words_n, dtype=torch.int32)
     if length % 32:
         words = _pack_short(values, bits)
     else:
-        v = values.to(torch.int64).reshape(r, -1, 32)           # [R, chunks, 32]
+        v = values.to(torch.int64).reshape(r, length // 32, 32)  # [R, chunks, 32]
         words = torch.zeros(r, v.shape[1], bits, dtype=torch.int64)
         for k in range(32):
             w, off = divmod(bits * k, 32)
@@ -120,12 +132,19 @@ def _pack_short(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_rows(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     """Inverse of pack_rows: int32 [R, length * bits / 32] -> int32 [R, length]."""
+    _check_matrix(words, "words")
+    if words.dtype != torch.int32:
+        raise ConfigError(f"packed words must be int32, got {words.dtype}")
     r = words.shape[0]
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        raise ConfigError(f"length={length!r} must be a non-negative int (values per row)")
     if words.shape[1] != packed_length(length, bits):
-        raise ValueError(f"expected {packed_length(length, bits)} words per row for {length} "
-                         f"{bits}-bit values, got {words.shape[1]}")
+        raise ConfigError(f"expected {packed_length(length, bits)} words per row for {length} "
+                          f"{bits}-bit values, got {words.shape[1]}")
     u = words.to(torch.int64) & 0xFFFFFFFF
     mask = maxq(bits)
+    if words.numel() == 0:
+        return torch.zeros(r, length, dtype=torch.int32)
     if length % 32:
         per = 32 // bits
         shifts = torch.arange(per, dtype=torch.int64) * bits
@@ -140,6 +159,12 @@ def unpack_rows(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
             val = val | (u[:, :, w + 1] << (32 - off))
         out[:, :, k] = val & mask
     return out.reshape(r, length).to(torch.int32)
+
+
+def _check_matrix(t, what: str) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != 2:
+        raise ConfigError(f"{what} must be a 2-D tensor [rows, length], got "
+                          f"{type(t).__name__} of shape {tuple(getattr(t, 'shape', ()))}")
 
 
 def pack_qweight(codes: torch.Tensor, bits: int) -> torch.Tensor:

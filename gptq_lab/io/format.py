@@ -47,17 +47,24 @@ def parse_quantization_config(qc: dict) -> tuple[QuantConfig, str, list[str]]:
     fields = {f: qc[k] for f, k in _QC_KEYS.items() if k in qc}
     if "bits" not in fields:
         raise CheckpointError("quantization_config has no 'bits'; the checkpoint cannot be read")
+    dynamic, meta = qc.get("dynamic") or {}, qc.get("meta") or {}
+    if not isinstance(dynamic, dict) or not all(isinstance(k, str) and isinstance(v, dict)
+                                                for k, v in dynamic.items()):
+        raise CheckpointError(f"quantization_config.dynamic must map '+:regex'/'-:regex' strings to dicts "
+                              f"of fields, got {str(dynamic)[:200]}")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"quantization_config.meta must be an object, got {str(meta)[:200]}")
     overrides, skipped = {}, []
-    for key, values in (qc.get("dynamic") or {}).items():
+    for key, values in dynamic.items():
         if key.startswith("-:"):
             skipped.append(key[2:])
             continue
         inverse = {k: f for f, k in _QC_KEYS.items()}
         overrides[f"^(?:{key.removeprefix('+:')})"] = {inverse[k]: v for k, v in values.items() if k in inverse}
-    saved = (qc.get("meta") or {}).get("gptq_lab_config")
+    saved = meta.get("gptq_lab_config")
     try:
         config = QuantConfig.from_dict({**fields, "overrides": overrides})
-        if saved and all(saved.get(f) == v for f, v in fields.items()):
+        if isinstance(saved, dict) and saved and all(saved.get(f) == v for f, v in fields.items()):
             config = QuantConfig.from_dict(saved)      # ours, and consistent: keep it exactly
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"quantization_config is not a valid GPTQ config: {e}") from None

@@ -42,8 +42,9 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(root), local_files_only=True))
-    except (ValueError, KeyError, OSError) as e:
-        raise CheckpointError(f"transformers cannot build the model of {root}/config.json: {e}") from None
+    except (ValueError, KeyError, OSError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"transformers cannot build the model of {root}/config.json: {e}; the config "
+                              f"is corrupt or names an architecture this transformers does not know") from None
     qlayers = _install_quant_linears(model, entries, config, skipped)
     aliases = _alias_groups(model)
     problems = _model_problems(model, entries, qlayers, aliases)
@@ -115,6 +116,13 @@ def _model_problems(model, entries: Entries, qlayers: dict, aliases: dict) -> li
             problems.append(f"{key}: expected {want} {list(t.shape)}, found {dtype} {shape}")
     known = set(expected) | {f"{n}.{leaf}" for n in qlayers for leaf in ("qweight", "qzeros", "scales", "g_idx")}
     unexpected = sorted(set(entries) - known)
+    orphans: dict[str, list[str]] = {}                  # quantized-layer tensors without their qweight
+    for k in unexpected:
+        module, _, leaf = k.rpartition(".")
+        if leaf in ("qzeros", "scales", "g_idx"):
+            orphans.setdefault(module, []).append(leaf)
+    problems += [f"{m}.qweight: missing (the layer has {leaves} of a quantized layer but no qweight); the "
+                 f"checkpoint is incomplete: re-save or re-copy it" for m, leaves in orphans.items()]
     if unexpected:
         warnings.warn(f"ignoring {len(unexpected)} tensors the model does not use: {unexpected[:5]}", stacklevel=3)
     return problems

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -56,6 +57,10 @@ def weight_files(root: Path) -> tuple[list[Path], dict | None]:
         weight_map = read_json(root, INDEX_NAME).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{INDEX_NAME} has no 'weight_map' object; re-save the checkpoint")
+        unsafe = sorted({str(f) for f in weight_map.values() if not str(f).endswith(".safetensors")})
+        if unsafe:
+            raise CheckpointError(f"{INDEX_NAME} maps tensors to {unsafe[:3]}, which are not .safetensors "
+                                  f"files; gptq_lab reads only safetensors and never unpickles")
         missing = sorted({f for f in weight_map.values() if not (root / f).is_file()})
         if missing:
             raise CheckpointError(f"{INDEX_NAME} lists shards that are not in {root}: {missing}; the copy is "
@@ -63,8 +68,12 @@ def weight_files(root: Path) -> tuple[list[Path], dict | None]:
         files = [root / f for f in sorted(set(weight_map.values()))]
     else:
         files = sorted(root.glob("*.safetensors"))
+    pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if files and pickles:
+        warnings.warn(f"{root} also holds pickle files ({', '.join(pickles[:3])}); they are ignored, never "
+                      f"unpickled (loading a pickle can run arbitrary code): only safetensors are read",
+                      stacklevel=3)
     if not files:
-        pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise CheckpointError(
                 f"{root} holds only pickle weight files ({', '.join(pickles[:3])}) and no safetensors. "
@@ -72,7 +81,7 @@ def weight_files(root: Path) -> tuple[list[Path], dict | None]:
                 f"safetensors with a tool you trust, in a sandbox, and load that.")
         raise CheckpointError(f"{root} holds no *.safetensors weights (it has "
                               f"{sorted(p.name for p in root.iterdir())[:8]})")
-    return [_inside(root, f) for f in files], weight_map
+    return list(dict.fromkeys(_inside(root, f) for f in files)), weight_map     # a link in: read once
 
 
 def read_configs(root: Path) -> tuple[dict, dict]:
