@@ -11,6 +11,7 @@ layer with other settings in well under a second.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -130,6 +131,20 @@ def _diagnose(hessian: torch.Tensor) -> str:
             f"more, distinct samples, or raise damp")
 
 
+@contextlib.contextmanager
+def one_thread(enabled: bool = True):
+    """Run torch on one intra-op thread, restored after. The column loop is thousands of ops on
+    vectors of N floats: thread hand-offs cost more than they save (5-7x slower with 2 threads
+    on a busy 2-core CPU)."""
+    before = torch.get_num_threads()
+    if enabled:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def condition_estimate(chol: torch.Tensor) -> float:
     """Condition number estimate of L L^T from its Cholesky factor: (max/min diag(L))^2.
     A lower bound that is cheap (no eigendecomposition); the inspector computes the
@@ -201,26 +216,27 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig) -> G
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            gi = _group_of(col, perm, group, static is not None, config.group_size == -1)
-            if config.group_size == -1:
-                scale, zero = scales[:, 0], zeros[:, 0]
-            elif static is not None:
-                scale, zero = static[gi]
-            elif col % group == 0:
-                scale, zero = compute_qparams(w1[:, i:i + group], config.bits, config.sym)
-                scales[:, gi], zeros[:, gi] = scale, zero
-            g_of_col[col] = gi
-            wc = w1[:, i]
-            codes = quantize(wc, scale, zero, config.bits)
-            qc = scale * (codes - zero)
-            d = hinv1[i, i]
-            q_codes[:, col] = codes.to(torch.uint8)
-            losses[:, col] = (wc - qc) ** 2 / d ** 2
-            e = (wc - qc) / d
-            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
-            err1[:, i] = e
+        with one_thread(dev.type == "cpu"):      # thousands of tiny ops: threads only hurt
+            for i in range(i2 - i1):
+                col = i1 + i
+                gi = _group_of(col, perm, group, static is not None, config.group_size == -1)
+                if config.group_size == -1:
+                    scale, zero = scales[:, 0], zeros[:, 0]
+                elif static is not None:
+                    scale, zero = static[gi]
+                elif col % group == 0:
+                    scale, zero = compute_qparams(w1[:, i:i + group], config.bits, config.sym)
+                    scales[:, gi], zeros[:, gi] = scale, zero
+                g_of_col[col] = gi
+                wc = w1[:, i]
+                codes = quantize(wc, scale, zero, config.bits)
+                qc = scale * (codes - zero)
+                d = hinv1[i, i]
+                q_codes[:, col] = codes.to(torch.uint8)
+                losses[:, col] = (wc - qc) ** 2 / d ** 2
+                e = (wc - qc) / d
+                w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+                err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
     if static is not None:

@@ -19,7 +19,6 @@ all of it on one intra-op thread (on a busy 2-core CPU, torch's 2-thread small o
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from collections import OrderedDict
@@ -31,7 +30,7 @@ from torch import nn
 
 from .arch import block_linears, family_of, get_blocks, in_out_features
 from .config import QuantConfig
-from .gptq import GPTQResult, HessianAccumulator, _damped_inverse_cholesky, rtn_result
+from .gptq import GPTQResult, HessianAccumulator, _damped_inverse_cholesky, one_thread, rtn_result
 from .pipeline import (
     _check_calibration,
     _default_compute_dtype,
@@ -296,19 +295,6 @@ class CachedLayer:
             damp_escalations=f.escalations, dead_channels=self.dead.clone(),
             condition_number=f.condition_number, bits=config.bits, group_size=config.group_size,
             sym=config.sym, notes=notes)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Run torch on one intra-op thread, restored after. The column loop is thousands of ops on
-    vectors of N floats: thread hand-offs cost more than they save (5-7x slower with 2 threads
-    on a busy 2-core CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _columns(wt, hinv, config, perm, static):
