@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from .errors import GPTQLabError
+from .progress import tqdm_progress
 
 EPILOG = {
     "fetch": "example:\n  gptq-lab fetch            # demo model + corpora into ~/.cache/gptq_lab",
@@ -19,11 +20,6 @@ EPILOG = {
     "eval": "examples:\n  gptq-lab eval demo\n  gptq-lab eval ./checkpoint --sets pride_and_prejudice --windows 16",
     "inspect": "example:\n  gptq-lab inspect ./checkpoint",
 }
-
-
-def _bar(desc: str):
-    from .progress import tqdm_progress
-    return tqdm_progress(desc)
 
 
 def cmd_fetch(args) -> None:
@@ -40,7 +36,7 @@ def cmd_demo(args) -> None:
               "(run `gptq-lab demo --protocol full` for the real figures)")
     print(protocol.describe(), flush=True)
     t0 = time.perf_counter()
-    rows = run_protocol(protocol, progress=_bar("demo"),
+    rows = run_protocol(protocol, progress=tqdm_progress("demo"),
                         on_row=lambda r: print(f"  done: {r.label}", file=sys.stderr, flush=True))
     print(format_table(rows, protocol))
     print(f"total wall time {time.perf_counter() - t0:.0f} s")
@@ -65,7 +61,7 @@ def cmd_quantize(args) -> None:
         calib = data.calibration_windows(tokenizer, args.calib, args.n_samples, args.seqlen, args.seed)
     t0 = time.perf_counter()
     results = quantize_model(model, calib, config, method=args.method, device=args.device,
-                             batch_size=args.batch_size, progress=_bar(f"{args.method} {args.bits}-bit"))
+                             batch_size=args.batch_size, progress=tqdm_progress(f"{args.method} {args.bits}-bit"))
     print(f"quantized {len(results)} linear layers with {args.method} in {time.perf_counter() - t0:.1f} s")
     if args.method == "gptq":
         worst = sorted(results.items(), key=lambda kv: -kv[1].loss)[:5]
@@ -91,7 +87,7 @@ def cmd_eval(args) -> None:
         model, tokenizer = data.load_model(args.model)
     for name in args.sets:
         windows = data.eval_windows(tokenizer, name, args.windows, args.seqlen)
-        print(f"{name:<22} perplexity {perplexity(model, windows, progress=_bar(name)):.3f} "
+        print(f"{name:<22} perplexity {perplexity(model, windows, progress=tqdm_progress(name)):.3f} "
               f"({windows.shape[0]} x {windows.shape[1]} tokens)", flush=True)
 
 

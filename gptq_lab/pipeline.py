@@ -305,7 +305,7 @@ def _accumulate(block, linears, groups, inputs: Inputs, prefix: str = "") -> dic
     """One pass over the batches, accumulating each group's Hessian; each batch stops once every
     group has seen its input."""
     firsts = [g[0] for g in groups]
-    accs = {n: HessianAccumulator(_in_features(linears[n]), inputs[0][0].device) for n in firsts}
+    accs = {n: HessianAccumulator(in_out_features(linears[n])[0], inputs[0][0].device) for n in firsts}
     seen: set[str] = set()
 
     def make_hook(name):
@@ -334,7 +334,3 @@ def _layer_named(name: str):
         yield
     except NumericalError as e:
         raise NumericalError(f"{name}: {e}") from None
-
-
-def _in_features(module: nn.Module) -> int:
-    return in_out_features(module)[0]

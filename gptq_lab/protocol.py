@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -132,7 +132,3 @@ def format_table(rows: list[Row], protocol: Protocol) -> str:
         secs = "" if r.quantize_seconds is None else f"{r.quantize_seconds:.1f}"
         lines.append(f"{r.label:<26}" + "".join(f"{r.perplexity[n]:>22.3f}" for n in names) + f"{secs:>12}")
     return "\n".join(lines)
-
-
-def with_overrides(protocol: Protocol, **changes) -> Protocol:
-    return replace(protocol, **changes)
