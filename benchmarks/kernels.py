@@ -12,6 +12,9 @@ achieved GB/s (the bytes it must move: weights, scales/zeros, x and the output, 
 of the card's peak memory bandwidth, and speedup over fp16 ``torch.matmul``. int4pack is
 ``torch.ops.aten._weight_int4pack_mm`` on bf16 (its only dtype), group size 128.
 Ours: int4, group 128, symmetric, fp16 activations, tuned per shape on first use.
+cuda: the CUDA decode kernel (kernels/cuda/int4_decode.cu, same layer, fp16), built on first
+use; ``--no-cuda`` leaves it out. Beyond batch 16 it runs one launch slab per 16 rows (it is
+meant for decode; the dispatcher sends larger batches to Triton).
 """
 from __future__ import annotations
 
@@ -77,16 +80,16 @@ def host_us(fn, n: int = 200) -> float:
     return elapsed / n * 1e6
 
 
-def run(shapes, batches, act_order: bool) -> list[dict]:
+def run(shapes, batches, act_order: bool, with_cuda: bool = True) -> list[dict]:
     rows = []
     for shape in shapes:
         k, n = map(int, shape.split("x"))
-        rows += bench_shape(k, n, batches, act_order)
+        rows += bench_shape(k, n, batches, act_order, with_cuda)
         torch.cuda.empty_cache()
     return rows
 
 
-def bench_shape(k: int, n: int, batches, act_order: bool) -> list[dict]:
+def bench_shape(k: int, n: int, batches, act_order: bool, with_cuda: bool = True) -> list[dict]:
     """All batch sizes for one K x N layer (the weights live only in this call)."""
     from gptq_lab.kernels import triton_tune
     from gptq_lab.kernels.triton_gemm import matmul
@@ -99,6 +102,10 @@ def bench_shape(k: int, n: int, batches, act_order: bool) -> list[dict]:
         perm = torch.randperm(k, device="cuda")
         p_act = prepare(layer[0], layer[1], layer[2], layer[3][perm].contiguous(), 4)
     packed, sz = int4pack(k, n)
+    p_cuda = None
+    if with_cuda:
+        from gptq_lab.kernels import cuda_ops, cuda_pack
+        p_cuda = cuda_pack.prepare(*layer, 4, torch.float16)
     w_ref = _dequant_sym(layer)                                                  # [K, N] fp32
     groups, rows = k // 128, []
     for m in batches:
@@ -127,6 +134,11 @@ def bench_shape(k: int, n: int, batches, act_order: bool) -> list[dict]:
             r["ours_act_us"] = bench(lambda: matmul(x16, p_act))                 # noqa: B023
         ref = x16.float() @ w_ref
         r["rel_err"] = float((y.float() - ref).norm() / ref.norm())
+        if p_cuda is not None:
+            y_cuda = cuda_ops.cuda_mm(x16, p_cuda)
+            r["cuda_us"] = bench(lambda: cuda_ops.cuda_mm(x16, p_cuda))               # noqa: B023
+            r["cuda_bytes"] = k * n // 2 + 4 * groups * n + io
+            r["cuda_rel_err"] = float((y_cuda.float() - ref).norm() / ref.norm())
         rows.append(r)
         print(_row_line(r), flush=True)
     return rows
@@ -141,7 +153,9 @@ def _row_line(r):
     return (f"{r['shape']:>11} M={r['M']:<4} fp16 {r['fp16_us']:8.1f} us  "
             f"int4pack {r['int4pack_us']:8.1f} us  ours {r['ours_us']:8.1f} us  "
             f"x{r['fp16_us'] / r['ours_us']:.2f}  err {r['rel_err']:.1e}"
-            f"  {r['config']}")
+            + (f"  cuda {r['cuda_us']:8.1f} us x{r['fp16_us'] / r['cuda_us']:.2f} "
+               f"err {r['cuda_rel_err']:.1e}" if "cuda_us" in r else "")
+            + f"  {r['config']}")
 
 
 def table(rows, card: str, peak: float, copy_gbs: float) -> str:
@@ -150,8 +164,10 @@ def table(rows, card: str, peak: float, copy_gbs: float) -> str:
             f"(triton do_bench, median).\n"
             "Ours: int4 g128 sym fp16; int4pack: torch _weight_int4pack_mm bf16 g128; "
             "fp16: torch.matmul [M,K]@[K,N].\n\n")
+    kernels = ("fp16", "int4pack", "ours") + (("cuda",) if all("cuda_us" in r for r in rows)
+                                               else ())
     cols = ["K x N", "M"]
-    for name in ("fp16", "int4pack", "ours"):
+    for name in kernels:
         cols += [f"{name} us", f"{name} GB/s", f"{name} %BW", f"{name} speedup"]
     cols += ["ours eager us", "ours host us/call"]
     act = any("ours_act_us" in r for r in rows)
@@ -160,7 +176,7 @@ def table(rows, card: str, peak: float, copy_gbs: float) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [r["shape"], str(r["M"])]
-        for name in ("fp16", "int4pack", "ours"):
+        for name in kernels:
             us = r[f"{name}_us"]
             gbs = r[f"{name}_bytes"] / us / 1e3
             speedup = r["fp16_us"] / us
@@ -169,7 +185,10 @@ def table(rows, card: str, peak: float, copy_gbs: float) -> str:
         if act:
             cells.append(f"{r.get('ours_act_us', float('nan')):.1f}")
         lines.append("| " + " | ".join(cells) + " |")
-    return head + "\n".join(lines) + "\n\n" + targets(rows)
+    text = head + "\n".join(lines) + "\n\nTriton (issue #6):\n" + targets(rows)
+    if "cuda" in kernels:
+        text += "\nCUDA decode kernel (issue #7):\n" + cuda_targets(rows, peak)
+    return text
 
 
 def targets(rows) -> str:
@@ -189,6 +208,31 @@ def targets(rows) -> str:
     out.append("slower than fp16: " + (", ".join(slow) if slow else "none"))
     lose = [f"{s} M={m} ({v:.2f}x)" for (s, m), v in vs.items() if v < 1.0]
     out.append("slower than int4pack: " + (", ".join(lose) if lose else "none"))
+    return "\n".join("- " + line for line in out) + "\n"
+
+
+def cuda_targets(rows, peak: float) -> str:
+    """Issue #7's targets for the CUDA decode kernel, each with its verdict."""
+    by = {(r["shape"], r["M"]): r for r in rows}
+    out = []
+    for shape in ("8192x8192", "8192x28672"):
+        if (shape, 1) in by:
+            r = by[shape, 1]
+            out.append(f"batch 1 {shape}: {r['fp16_us'] / r['cuda_us']:.2f}x fp16 (target >= 3.0x)")
+    for shape in ("8192x8192", "8192x28672", "28672x8192"):
+        if (shape, 1) in by:
+            r = by[shape, 1]
+            pct = 100 * r["cuda_bytes"] / r["cuda_us"] / 1e3 / peak
+            out.append(f"batch 1 {shape}: {pct:.0f}% of peak bandwidth (target >= 70%)")
+    vs = [(s, r["int4pack_us"] / r["cuda_us"]) for (s, m), r in by.items() if m == 1]
+    if vs:
+        out.append(f"batch 1 vs int4pack: min {min(v for _, v in vs):.2f}x "
+                   f"({min(vs, key=lambda t: t[1])[0]}) (target >= 1.3x)")
+    grow = [(s, by[s, 16]["cuda_us"] / by[s, 1]["cuda_us"]) for (s, m) in by
+            if m == 1 and (s, 16) in by]
+    if grow:
+        worst = max(grow, key=lambda t: t[1])
+        out.append(f"batch 16 / batch 1 time: worst {worst[1]:.2f} ({worst[0]}) (target <= 1.15)")
     return "\n".join("- " + line for line in out) + "\n"
 
 
@@ -237,6 +281,7 @@ def main(argv=None):
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--act-order", action="store_true", help="also time an act-order layer")
     ap.add_argument("--out", help="write the table here (and the raw rows to OUT.json)")
+    ap.add_argument("--no-cuda", action="store_true", help="leave out the CUDA decode kernel")
     ap.add_argument("--report", action="store_true", help="print each chosen kernel's resources")
     ap.add_argument("--dump", help="with --report: write each chosen kernel's TTGIR and SASS here")
     args = ap.parse_args(argv)
@@ -244,7 +289,8 @@ def main(argv=None):
         raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
     card = torch.cuda.get_device_name()
     peak, copy_gbs = peak_bandwidth(card), copy_bandwidth()
-    rows = run(args.shapes.split(","), [int(b) for b in args.batches.split(",")], args.act_order)
+    rows = run(args.shapes.split(","), [int(b) for b in args.batches.split(",")], args.act_order,
+               not args.no_cuda)
     text = table(rows, card, peak, copy_gbs)
     print(text)
     if args.out:

@@ -10,6 +10,7 @@ Importing this package never initialises CUDA.
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 
 import torch
@@ -19,15 +20,31 @@ from . import reference
 BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"reference": reference.gptq_matmul}
 
 if importlib.util.find_spec("triton") is not None:
-    from . import ops as triton_ops          # registers the custom ops; imports neither triton nor CUDA
+    from . import ops as triton_ops  # registers the custom ops; imports neither triton nor CUDA
     BACKENDS["triton"] = triton_ops.gptq_matmul
 else:
     triton_ops = None
 
+from . import cuda_ops  # registers the op; builds nothing until first use
+
+BACKENDS["cuda"] = cuda_ops.gptq_matmul
+
 
 def available_backends() -> list[str]:
-    """Names usable as ``backend=``, best first."""
-    return list(BACKENDS)
+    """Names of the backends that can run on this machine, in ``BACKENDS`` order:
+    ``reference`` everywhere; the GPU kernels (``triton``, ...) only where CUDA is available,
+    except ``triton`` under ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, as the tests use).
+    ``backend=`` still accepts any installed name in ``BACKENDS``, so a kernel can be forced
+    where it cannot run (for the interpreter tests); it then fails inside the kernel."""
+    return [name for name in BACKENDS if _runs_here(name)]
+
+
+def _runs_here(name: str) -> bool:
+    if name == "reference":
+        return True
+    if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    return torch.cuda.is_available()                  # no CUDA context is created
 
 
 def default_backend(device: torch.device) -> str:
@@ -37,10 +54,21 @@ def default_backend(device: torch.device) -> str:
 
 def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                 g_idx: torch.Tensor, bits: int, backend: str | None = None) -> torch.Tensor:
-    """``x`` [M, K] @ dequantized W [K, N] -> [M, N] in x's dtype (no bias)."""
-    name = backend or default_backend(x.device)
-    if backend is None and name == "triton" and not triton_ops.supports(x, bits):
-        name = "reference"                     # float32 activations or 3-bit: the torch path
+    """``x`` [M, K] @ dequantized W [K, N] -> [M, N] in x's dtype (no bias).
+
+    With no ``backend``: on CUDA, decode-sized fp16/bf16 4-bit calls (M <= 16) take the CUDA
+    kernel where it builds and fits the layer, other fp16/bf16 calls Triton, the rest (float32,
+    3-bit, CPU) the torch reference.
+    """
+    if backend is None:
+        if cuda_ops.wanted(x, bits) and x.dim() == 2 and cuda_ops.prepared_for(
+                qweight, scales, qzeros, g_idx, bits, x.dtype) is not None:
+            return cuda_ops.gptq_matmul(x, qweight, scales, qzeros, g_idx, bits)
+        name = default_backend(x.device)
+        if name == "triton" and not triton_ops.supports(x, bits):
+            name = "reference"                 # float32 activations or 3-bit: the torch path
+    else:
+        name = backend
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r} is not available; available: {available_backends()}")
     return BACKENDS[name](x, qweight, scales, qzeros, g_idx, bits)

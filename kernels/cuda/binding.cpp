@@ -1,0 +1,41 @@
+// Torch binding of int4_decode.cu: checks the tensors, allocates y, launches on torch's stream.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+#include <torch/extension.h>
+
+extern "C" cudaError_t gptq_lab_int4_decode(const void* x, const void* qweight,
+                                            const void* scales, const void* zeros, void* y,
+                                            int M, int N, int K, int group_size, int G,
+                                            int dtype, cudaStream_t stream);
+
+// x [M, K] fp16/bf16 contiguous (K a multiple of 64) -> y [M, n] in x's dtype.
+torch::Tensor int4_decode(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                          torch::Tensor zeros, int64_t group_size, int64_t n) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "x must be float16 or bfloat16, got ", x.scalar_type());
+  const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK(k % 64 == 0 && group_size % 64 == 0 && k % group_size == 0,
+              "K (", k, ") and group_size (", group_size, ") must be multiples of 64, K of group_size");
+  const int64_t tiles = (n + 15) / 16, groups = k / group_size;
+  TORCH_CHECK(qweight.is_cuda() && qweight.numel() == tiles * (k / 64) * 32 * 4 && qweight.is_contiguous(),
+              "qweight does not match K=", k, ", N=", n);
+  TORCH_CHECK(scales.numel() == tiles * groups * 8 && zeros.numel() == tiles * groups * 8 &&
+              scales.is_contiguous() && zeros.is_contiguous(), "scales/zeros do not match the layout");
+  TORCH_CHECK(scales.scalar_type() == at::kInt && zeros.scalar_type() == at::kInt &&
+              qweight.scalar_type() == at::kInt, "qweight, scales and zeros must be packed int32");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto y = torch::empty({m, n}, x.options());
+  const int dtype = x.scalar_type() == at::kBFloat16 ? 1 : 0;
+  const cudaError_t err = gptq_lab_int4_decode(
+      x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), y.data_ptr(),
+      static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(group_size),
+      static_cast<int>(groups), dtype, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "gptq_lab int4_decode launch failed: ", cudaGetErrorString(err));
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int4_decode", &int4_decode, "int4 GPTQ matmul for decode-sized batches");
+}

@@ -1,0 +1,118 @@
+"""The CUDA decode kernel (``kernels/cuda/``) as a torch custom op, compiled on first use.
+
+    y = gptq_matmul(x, qweight, scales, qzeros, g_idx, bits)    # reference's signature
+    y = cuda_mm(x, p)                                           # p = cuda_pack.prepare(...)
+
+The sources are built by ``torch.utils.cpp_extension.load`` the first time a CUDA call needs
+them (about a minute; cached by torch under ``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``) for sm_80 and sm_90. ``unavailable()`` says why the kernel
+cannot run here (no GPU, no nvcc, an older GPU, a failed build), so ``gptq_lab.kernels``
+can fall back to Triton with that reason. Importing this module builds nothing.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import weakref
+from pathlib import Path
+
+import torch
+
+from .cuda_pack import PreparedCUDA, kernel_input, prepare
+from .cuda_pack import supports as layer_supports
+
+SOURCES = [Path(__file__).parent / "cuda" / n for n in ("binding.cpp", "int4_decode.cu")]
+ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+MAX_M = 16          # the decode kernel's sweet spot; larger batches go to Triton by default
+
+
+@functools.cache
+def _build():
+    """Compile (or load the cached build of) the extension; raises RuntimeError on failure."""
+    from torch.utils.cpp_extension import CUDA_HOME, load
+    if CUDA_HOME is None and shutil.which("nvcc") is None:
+        raise RuntimeError("no CUDA compiler (nvcc) found; set CUDA_HOME to build the CUDA kernel")
+    return load(name="gptq_lab_int4_decode_v1", sources=[str(s) for s in SOURCES],
+                extra_cuda_cflags=["-O3", *ARCH_FLAGS], extra_cflags=["-O3"],
+                verbose=bool(os.environ.get("GPTQ_LAB_VERBOSE_BUILD")))
+
+
+@functools.cache
+def unavailable() -> str | None:
+    """None when the CUDA decode kernel can run on this machine, else why not."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if torch.version.cuda is None:
+        return "this torch build has no CUDA"
+    if torch.cuda.get_device_capability() < (8, 0):
+        return "the GPU is older than sm_80 (the kernel uses bf16 tensor-core MMAs)"
+    try:
+        _build()
+    except (RuntimeError, OSError, ImportError) as e:    # no compiler, or a build error
+        return f"the CUDA kernel failed to build: {str(e).strip().splitlines()[-1][:300]}"
+    return None
+
+
+@torch.library.custom_op("gptq_lab::cuda_int4_mm", mutates_args=())
+def cuda_int4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 zeros: torch.Tensor, group_size: int, out_features: int) -> torch.Tensor:
+    """x [M, K'] (kernel order, K' a multiple of 64, contiguous) -> [M, N] in x's dtype."""
+    return _build().int4_decode(x, qweight, scales, zeros, group_size, out_features)
+
+
+@cuda_int4_mm.register_fake
+def _(x, qweight, scales, zeros, group_size, out_features):
+    return x.new_empty((x.shape[0], out_features))
+
+
+def cuda_mm(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:
+    """x [..., K] fp16/bf16 on CUDA (p.dtype) -> [..., N]."""
+    if x.dtype != p.dtype:
+        raise ValueError(f"x is {x.dtype} but the layer was prepared for {p.dtype}")
+    flat = kernel_input(x.reshape(-1, p.in_features), p)
+    out = torch.ops.gptq_lab.cuda_int4_mm(flat, p.qweight, p.scales, p.zeros, p.group_size,
+                                          p.out_features)
+    return out.reshape(*x.shape[:-1], p.out_features)
+
+
+_PREPARED: dict[tuple, tuple[weakref.ref, PreparedCUDA | None]] = {}
+
+
+def prepared_for(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                 g_idx: torch.Tensor, bits: int, dtype: torch.dtype) -> PreparedCUDA | None:
+    """prepare(...), or None when the kernel cannot run this layer; cached while this
+    ``qweight`` object lives and all four tensors are unmodified."""
+    key = tuple((t.data_ptr(), t._version, tuple(t.shape), t.device)
+                for t in (qweight, scales, qzeros, g_idx)) + (bits, dtype)
+    hit = _PREPARED.get(key)
+    if hit is not None and hit[0]() is qweight:
+        return hit[1]
+    ok = layer_supports(bits, g_idx, scales.shape[0]) is None
+    p = prepare(qweight, scales, qzeros, g_idx, bits, dtype) if ok else None
+    _PREPARED[key] = (weakref.ref(qweight), p)
+    weakref.finalize(qweight, _PREPARED.pop, key, None)
+    return p
+
+
+def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                g_idx: torch.Tensor, bits: int) -> torch.Tensor:
+    """``reference.gptq_matmul``'s signature on the CUDA decode kernel (fp16/bf16, 4-bit,
+    group size a multiple of 64 or per-channel); raises ValueError for other layers."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {list(x.shape)}; flatten leading dims")
+    why = unavailable()
+    if why is not None:
+        raise RuntimeError(f"the CUDA decode kernel is not available: {why}")
+    p = prepared_for(qweight, scales, qzeros, g_idx, bits, x.dtype)
+    if p is None:
+        raise ValueError("the CUDA decode kernel cannot run this layer: "
+                         + str(layer_supports(bits, g_idx, scales.shape[0])))
+    return cuda_mm(x, p)
+
+
+def wanted(x: torch.Tensor, bits: int) -> bool:
+    """Cheap check for the dispatcher: a decode-sized fp16/bf16 4-bit call on a GPU where the
+    kernel builds (the layer itself is checked, once, by ``prepared_for``)."""
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.shape[0] <= MAX_M
+            and bits == 4 and unavailable() is None)

@@ -1,0 +1,147 @@
+"""Repack GPTQ checkpoint tensors, once at load, into the layout of the CUDA decode kernel.
+
+    p = prepare(qweight, scales, qzeros, g_idx, bits=4, dtype=torch.float16)   # PreparedCUDA
+    w = dequantize_prepared(p)          # [K', N] float32 in kernel order, for tests
+
+The layout is described in ``kernels/cuda/int4_decode.cu``: per tile of 16 output features and
+chunk of 64 input rows, each of the 32 lanes of a warp reads one 16-byte word holding the
+codes of its four m16n8k16 A fragments; scales and zero points come in (row g, row g + 8)
+pairs in the activation dtype, zero points offset by the dequantization magic number.
+Act-order checkpoints reuse the Triton path's row permutation (rows sorted by g_idx; the
+activations are permuted at run time), so groups are contiguous in kernel order.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .reference import unpack_along_rows
+from .triton_pack import _kernel_order, _round_up
+
+CHUNK = 64                      # input rows per weight word group; K' is padded to it
+TILE = 16                       # output features per tile; N is padded to it
+MAGIC = {torch.float16: 1024.0, torch.bfloat16: 128.0}   # MAGIC + code is exact in the dtype
+
+
+class PreparedCUDA(NamedTuple):
+    """Kernel-ready tensors of one linear layer for one activation dtype."""
+    qweight: torch.Tensor           # int32 [N'/16, K'/64, 32, 4]
+    scales: torch.Tensor            # int32 [N'/16, G, 8]: (row g, row g+8) pairs of dtype
+    zeros: torch.Tensor             # int32 [N'/16, G, 8]: MAGIC + zero point, same pairs
+    perm: torch.Tensor | None       # int64 [K'] into x's columns (K = a zero column), or None
+    group_size: int                 # kernel rows per group, a multiple of 64
+    k_rows: int                     # K' before padding to 64 (perm length, or K)
+    in_features: int
+    out_features: int
+    dtype: torch.dtype
+
+
+def _lane_positions() -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, col) inside a 16 x 16 A tile of each lane's nibble: two [32, 8] int64 tensors."""
+    lane = torch.arange(32)[:, None]
+    nib = torch.arange(8)[None, :]
+    g, t = lane // 4, lane % 4
+    reg, high = nib % 4, nib // 4
+    row = g + 8 * (reg % 2)
+    col = 2 * t + 8 * (reg // 2) + high
+    return row.expand(32, 8), col.expand(32, 8)
+
+
+def supports(bits: int, g_idx: torch.Tensor, groups: int) -> str | None:
+    """None if the decode kernel can run this layer, else the reason it cannot."""
+    if bits != 4:
+        return f"{bits}-bit weights (the CUDA decode kernel is 4-bit only)"
+    _, group_size, _ = _kernel_order(g_idx, groups)
+    if groups > 1 and group_size % CHUNK:
+        return f"group size {group_size} is not a multiple of {CHUNK}"
+    return None
+
+
+def prepare(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+            g_idx: torch.Tensor, bits: int = 4, dtype: torch.dtype = torch.float16,
+            *, v1: bool = False) -> PreparedCUDA:
+    """Checkpoint tensors (any device) -> PreparedCUDA on the same device."""
+    if dtype not in MAGIC:
+        raise ValueError(f"dtype must be float16 or bfloat16, got {dtype}")
+    k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    groups = scales.shape[0]
+    why = supports(bits, g_idx, groups)
+    if why is not None:
+        raise ValueError(f"the CUDA decode kernel cannot run this layer: {why}")
+    codes = unpack_along_rows(qweight, bits, k).t()                               # [N, K]
+    zeros = unpack_along_rows(qzeros.t(), bits, n).t()                            # [G, N]
+    if v1:
+        zeros = (zeros + 1) & ((1 << bits) - 1)
+    perm, group_size, k_rows = _kernel_order(g_idx.to(qweight.device), groups)
+    if perm is not None:
+        codes = torch.nn.functional.pad(codes, (0, 1))[:, perm]                   # [N, K']
+    kp, np_ = _round_up(k_rows, CHUNK), _round_up(n, TILE)
+    if groups == 1:
+        group_size = kp
+    codes = torch.nn.functional.pad(codes, (0, kp - k_rows, 0, np_ - n))          # [Np, Kp]
+    return PreparedCUDA(
+        qweight=_pack_codes(codes).contiguous(),
+        scales=_pairs(torch.nn.functional.pad(scales.float(), (0, np_ - n)), dtype),
+        zeros=_pairs(torch.nn.functional.pad(zeros.float(), (0, np_ - n)) + MAGIC[dtype], dtype),
+        perm=perm, group_size=group_size, k_rows=k_rows, in_features=k, out_features=n,
+        dtype=dtype)
+
+
+def _pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """codes [Np, Kp] -> int32 [Np/16, Kp/64, 32, 4] (the lane words)."""
+    np_, kp = codes.shape
+    tiles = codes.to(torch.int64).reshape(np_ // TILE, TILE, kp // CHUNK, 4, 16)   # [nt,n,kc,j,k]
+    tiles = tiles.permute(0, 2, 3, 1, 4)                                           # [nt,kc,j,n,k]
+    row, col = (p.to(codes.device) for p in _lane_positions())
+    nibbles = tiles[:, :, :, row, col]                                             # [nt,kc,j,32,8]
+    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * 4
+    words = (nibbles << shifts).sum(-1)                                            # [nt,kc,j,32]
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.permute(0, 1, 3, 2).to(torch.int32)                               # [nt,kc,32,j]
+
+
+def _pairs(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[G, Np] floats -> int32 [Np/16, G, 8]: per (tile, group, g) the pair (row g, row g+8)."""
+    g_count, np_ = values.shape
+    v = values.to(dtype).reshape(g_count, np_ // TILE, 2, 8).permute(1, 0, 3, 2)   # [nt,G,8,2]
+    return v.contiguous().view(torch.int32).reshape(np_ // TILE, g_count, 8)
+
+
+def _unpairs(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of _pairs: -> float32 [G, Np]."""
+    nt, g_count, _ = packed.shape
+    v = packed.contiguous().view(dtype).reshape(nt, g_count, 8, 2).permute(1, 0, 3, 2)
+    return v.reshape(g_count, nt * TILE).float()
+
+
+def dequantize_prepared(p: PreparedCUDA) -> torch.Tensor:
+    """The weight in kernel order, float32 [K', N], read back from the packed layout the way
+    the kernel reads it (nibble -> A-fragment position), with the kernel's dtype rounding."""
+    nt, kc = p.qweight.shape[:2]
+    words = p.qweight.to(torch.int64) & 0xFFFFFFFF                                 # [nt,kc,32,4]
+    shifts = torch.arange(8, device=words.device, dtype=torch.int64) * 4
+    nibbles = (words.permute(0, 1, 3, 2)[..., None] >> shifts) & 0xF               # [nt,kc,j,32,8]
+    tiles = torch.zeros(nt, kc, 4, TILE, 16, dtype=torch.int64, device=words.device)
+    row, col = (q.to(words.device) for q in _lane_positions())
+    tiles[:, :, :, row, col] = nibbles
+    codes = tiles.permute(0, 3, 1, 2, 4).reshape(nt * TILE, kc * CHUNK)            # [Np, Kp]
+    kp = kc * CHUNK
+    grp = torch.arange(kp, device=words.device) // p.group_size
+    scales, zeros = _unpairs(p.scales, p.dtype), _unpairs(p.zeros, p.dtype)       # [G, Np]
+    magic = MAGIC[p.dtype]
+    diff = ((codes.t().float() + magic).to(p.dtype) - zeros[grp].to(p.dtype))      # exact
+    w = (diff * scales[grp].to(p.dtype)).float()                                   # [Kp, Np]
+    return w[:p.k_rows, :p.out_features]
+
+
+def kernel_input(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:
+    """x [M, K] -> the kernel's activations [M, K'] (permuted, padded to 64, contiguous)."""
+    if p.perm is not None:
+        if p.perm.numel() > p.in_features:
+            x = torch.nn.functional.pad(x, (0, 1))
+        x = x.index_select(1, p.perm)
+    pad = _round_up(p.k_rows, CHUNK) - x.shape[1]
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.contiguous()

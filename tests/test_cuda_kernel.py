@@ -1,0 +1,118 @@
+"""The CUDA decode kernel (kernels/cuda/) against the torch reference.
+
+CPU: the repacking (pure torch: the packed layout read back the way the kernel reads it gives
+the reference weight), and the sources compile with nvcc for sm_80 and sm_90 with no register
+spills. GPU (marked ``gpu``): a sweep of shapes, batch 1 to 64, group sizes, act-order,
+sym/asym and both dtypes; the dispatcher's choice; torch.compile.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from gptq_lab.kernels import cuda_ops, gptq_matmul
+from gptq_lab.kernels.cuda_pack import dequantize_prepared, kernel_input, prepare, supports
+from gptq_lab.kernels.reference import dequantize_gptq
+from test_triton import TOL, cuda, make_layer, rel_err
+
+CU = Path(cuda_ops.__file__).parent / "cuda" / "int4_decode.cu"
+
+
+# ------------------------------------------------------------------ CPU: repacking
+
+@pytest.mark.parametrize("n,k,group_size,sym,act_order,dtype", [
+    (48, 256, 128, True, False, torch.float16),
+    (24, 320, 64, False, True, torch.float16),       # N not a multiple of 16, act-order
+    (40, 200, -1, False, False, torch.bfloat16),      # per-channel, K padded to 64
+    (16, 384, 128, False, True, torch.bfloat16),
+])
+def test_packed_layout_reads_back_as_the_reference(n, k, group_size, sym, act_order, dtype):
+    layer = make_layer(n, k, 4, group_size, sym=sym, act_order=act_order)
+    p = prepare(*layer, 4, dtype)
+    ref = dequantize_gptq(*layer, 4)                                          # [K, N] fp32
+    rows = p.perm if p.perm is not None else torch.arange(k)
+    got = dequantize_prepared(p)
+    ref_rows = torch.nn.functional.pad(ref, (0, 0, 0, 1))[rows]               # zero column K
+    # the kernel's arithmetic: (code - zero) exact, times the scale rounded to the dtype
+    assert torch.allclose(got, ref_rows, rtol=TOL[dtype], atol=1e-6)
+    x = torch.randn(3, k)
+    assert rel_err(kernel_input(x, p)[:, :p.k_rows] @ got, x @ ref) < TOL[dtype]
+
+
+def test_every_code_reaches_its_own_position():
+    """Distinct codes per (k, n): a wrong nibble/lane mapping cannot cancel out."""
+    from gptq_lab.quant import pack_qweight, pack_qzeros
+    n, k = 32, 128
+    codes = (torch.arange(n * k).reshape(n, k) * 7 + torch.arange(n)[:, None]) % 16
+    scales = (torch.arange(n, dtype=torch.float32) / 64 + 0.5)[None, :].half()
+    layer = (pack_qweight(codes, 4), scales, pack_qzeros(torch.zeros(n, 1, dtype=torch.long), 4,
+             v1=False), torch.zeros(k, dtype=torch.int32))
+    p = prepare(*layer, 4, torch.float16)
+    assert torch.equal(dequantize_prepared(p), dequantize_gptq(*layer, 4))
+
+
+def test_unsupported_layers_are_refused_with_the_reason():
+    layer = make_layer(16, 128, 4, 32, sym=True)
+    assert "multiple of 64" in supports(4, layer[3], layer[1].shape[0])
+    with pytest.raises(ValueError, match="multiple of 64"):
+        prepare(*layer, 4)
+    assert "4-bit only" in supports(8, layer[3], 4)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_sources_compile_for_sm80_and_sm90_without_spills(tmp_path):
+    cmd = ["nvcc", "-c", "-O3", *cuda_ops.ARCH_FLAGS, "-Xptxas", "-v", str(CU),
+           "-o", str(tmp_path / "int4_decode.o")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = run.stdout + run.stderr
+    for arch in ("sm_80", "sm_90"):
+        assert f"for '{arch}'" in log
+    spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", log)]
+    assert len(spills) == 8 and max(spills) == 0, log      # 2 dtypes x 2 tile counts x 2 archs
+
+
+# ------------------------------------------------------------------ GPU
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k,group_size,sym,act_order", [
+    (4096, 4096, 128, True, False), (11008, 4096, 128, False, False),
+    (4096, 11008, 128, True, True), (200, 320, 64, False, False), (1000, 576, -1, True, False),
+    (520, 384, 128, False, True)])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 33, 64])
+def test_gpu_matches_reference(n, k, group_size, sym, act_order, dtype, m):
+    layer = make_layer(n, k, 4, group_size, sym=sym, act_order=act_order, device="cuda")
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    ref = x.double() @ dequantize_gptq(*layer, 4).double()
+    y = gptq_matmul(x, *layer, 4, backend="cuda")
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert rel_err(y, ref) < TOL[dtype]
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_dispatch_picks_cuda_for_decode_batches():
+    assert cuda_ops.unavailable() is None, cuda_ops.unavailable()
+    layer = make_layer(256, 512, 4, 128, sym=True, device="cuda")
+    x = torch.randn(4, 512, device="cuda", dtype=torch.float16)
+    cuda_ops._PREPARED.clear()
+    y = gptq_matmul(x, *layer, 4)
+    assert any(v[1] is not None for v in cuda_ops._PREPARED.values())
+    assert torch.allclose(y, gptq_matmul(x, *layer, 4, backend="reference"), rtol=3e-3, atol=3e-2)
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph_matches_eager():
+    layer = make_layer(512, 1024, 4, 128, sym=False, device="cuda")
+    p = prepare(*layer, 4, torch.float16)
+    x = torch.randn(2, 1024, device="cuda", dtype=torch.float16)
+    eager = cuda_ops.cuda_mm(x, p)
+    compiled = torch.compile(lambda t: cuda_ops.cuda_mm(t, p), fullgraph=True)(x)
+    assert torch.equal(eager, compiled)
