@@ -98,3 +98,25 @@ def test_dataset_source_and_core_imports_without_lab_deps():
             "import gptq_lab, gptq_lab.hessians, gptq_lab.pipeline; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_collect_only_named_layers_then_add_more(tmp_path):
+    model, c = tiny_llama(), calibrator()
+    full = calibrator().collect(model, device="cpu", progress=False)
+    first = ["model.layers.0.mlp.down_proj"]
+    seen = []
+    hs = c.collect(model, device="cpu", names=first, cache_dir=tmp_path,
+                   progress=lambda d, t, m: seen.append((d, t)))
+    assert set(hs) == set(first) and set(c.absmax) == set(first) and "1 layers" in repr(c)
+    assert seen == [(1, 1)]                   # stopped after block 0: block 1 never ran
+    torch.testing.assert_close(hs[first[0]], full[first[0]])
+    more = ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj"]
+    hs = c.collect(model, device="cpu", names=more, progress=False)          # same model: added
+    assert set(hs) == set(first + more) and hs[more[0]] is hs[more[1]]
+    assert all(torch.allclose(hs[n], full[n], rtol=1e-5, atol=1e-6) for n in hs)
+    assert len(list(tmp_path.glob("hessians-*.safetensors"))) == 1
+    c2 = calibrator()                         # the subset's cache file is its own
+    assert set(c2.collect(model, device="cpu", cache_dir=tmp_path, names=first, progress=False)) == set(first)
+    assert set(c2.collect(model, device="cpu", cache_dir=tmp_path, progress=False)) == set(full)
+    with pytest.raises(KeyError, match="no quantizable linear"):
+        c.collect(model, device="cpu", names=["model.layers.9.mlp.up_proj"], progress=False)

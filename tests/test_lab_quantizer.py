@@ -95,3 +95,26 @@ def test_rtn_heatmap_uses_output_error_from_calibrator_hessians():
     t = q.table()
     assert t.loss.isna().all() and (t.output_error > 0).all()
     assert np.isfinite(q.loss_matrix()).all() and "highest output error" in repr(q)
+
+
+class ZMQInteractiveShell:
+    """Stands in for the Jupyter kernel's shell: ``in_notebook()`` looks at the type name."""
+
+    execution_count = 1
+
+
+def test_run_in_a_notebook_shows_its_view_once_per_cell(monkeypatch):
+    import IPython
+    import IPython.display
+    shell, shown = ZMQInteractiveShell(), []
+    monkeypatch.setattr(IPython, "get_ipython", lambda: shell)
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    q = Quantizer(tiny_llama(), None, CONFIG, method="rtn")
+    result = q.run()                          # the cell `q.run()`: run shows the live view...
+    result._ipython_display_()                # ...and IPython displays the returned Quantizer
+    assert shown == [q.widget]
+    assert q.widget.children[0].children[0].value == 2     # the bar in that one view filled
+    shell.execution_count = 2                 # a later cell `q` shows it again, once
+    q._ipython_display_()
+    q._ipython_display_()
+    assert shown == [q.widget, q.widget]

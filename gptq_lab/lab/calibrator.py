@@ -26,7 +26,7 @@ from ..hessians import CachedLayer, MemoryEstimate, collect_hessians, estimate_m
 from ..pipeline import _default_compute_dtype
 from . import views
 from .sampling import STRATEGIES, read_sources, sample
-from .widgets import Progress, figure_widget, in_notebook, refresh, show
+from .widgets import Progress, figure_widget, in_notebook, ipython_display, refresh, show
 
 
 class Calibrator:
@@ -106,7 +106,7 @@ class Calibrator:
         return self._widget
 
     def _ipython_display_(self) -> None:
-        show(self) if in_notebook() else print(repr(self))
+        ipython_display(self)
 
     # ------------------------------------------------------------------ Hessians
     def estimate_memory(self, model: nn.Module, compute_dtype: torch.dtype | None = None) -> MemoryEstimate:
@@ -115,45 +115,54 @@ class Calibrator:
 
     def collect(self, model: nn.Module, device=None, batch_size: int | None = None,
                 compute_dtype: torch.dtype | None = None, cache_dir: str | Path | None = None,
-                progress=True) -> dict[str, torch.Tensor]:
+                progress=True, names: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Run the windows through ``model`` (unchanged) and keep each linear's Hessian.
 
-        Prints the memory estimate first (when ``progress`` is True). With ``cache_dir``, the
-        Hessians are read from / written to ``cache_dir/hessians-<key>.safetensors``, the key
-        hashing the token ids, the model's config and first weights, and the compute dtype.
+        names: the full linear names to collect (default: all); the forward pass stops after
+        the last block needed. Layers collected earlier from the same model are kept (a
+        different model replaces them). Prints the memory estimate first (when ``progress``
+        is True). With ``cache_dir``, the Hessians are read from / written to
+        ``cache_dir/hessians-<key>.safetensors``, the key hashing the token ids, the model's
+        config and first weights, the compute dtype and ``names``.
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = compute_dtype or _default_compute_dtype(model, device)
         self.memory_estimate = self.estimate_memory(model, dtype)
+        keep = names is not None and self._model_ref is model and self.hessians is not None
+        held = (self.hessians, self.absmax or {}) if keep else ({}, {})
         self._model_ref = model
-        path = Path(cache_dir).expanduser() / f"hessians-{self.cache_key(model, dtype)}.safetensors" \
-            if cache_dir else None
+        key = self.cache_key(model, dtype, names)
+        path = Path(cache_dir).expanduser() / f"hessians-{key}.safetensors" if cache_dir else None
         if path is not None and path.is_file():
-            self.hessians, self.absmax = load_hessians(path)
+            hessians, absmax = load_hessians(path)
+            self.hessians, self.absmax = {**held[0], **hessians}, {**held[1], **absmax}
             self._refresh_text()
             return self.hessians
         if progress is True:
             self._say(f"collecting Hessians of {self.ids.shape[0]} x {self.ids.shape[1]} tokens; "
                       f"memory {self.memory_estimate}")
         t0, absmax = time.perf_counter(), {}
-        if in_notebook() and progress is True and not getattr(self, "_displayed", False):
+        if in_notebook() and progress is True:
             show(self)                                      # the progress bar lives in the widget
         bar = self.widget.children[1].children if in_notebook() else (None, None)
         with Progress(progress, "Hessians", *bar) as cb:
-            self.hessians = collect_hessians(model, self.ids, batch_size=batch_size, device=device,
-                                             compute_dtype=dtype, progress=cb, absmax=absmax)
-        self.absmax, self.collect_time = absmax, time.perf_counter() - t0
+            hessians = collect_hessians(model, self.ids, names=names, batch_size=batch_size,
+                                        device=device, compute_dtype=dtype, progress=cb, absmax=absmax)
+        self.collect_time = time.perf_counter() - t0
         if path is not None:
-            save_hessians(path, self.hessians, self.absmax)
+            save_hessians(path, hessians, absmax)
+        self.hessians, self.absmax = {**held[0], **hessians}, {**held[1], **absmax}
         self._refresh_text()
         return self.hessians
 
-    def cache_key(self, model: nn.Module, dtype: torch.dtype) -> str:
+    def cache_key(self, model: nn.Module, dtype: torch.dtype, names: list[str] | None = None) -> str:
         first = next(p for p in model.parameters())
         h = hashlib.sha1(self.ids.numpy().tobytes())
         h.update(model.config.to_json_string(use_diff=False).encode())
         h.update(first.detach().flatten()[:4096].float().numpy().tobytes())
         h.update(str(dtype).encode())
+        if names is not None:                               # a subset: its own cache file
+            h.update(json.dumps(sorted(set(names))).encode())
         return h.hexdigest()[:16]
 
     def _say(self, text: str) -> None:

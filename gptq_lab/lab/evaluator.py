@@ -27,7 +27,7 @@ from ..eval import agreement, forward_speed, perplexity
 from ..pipeline import linear_names, scoped_hooks
 from ..qlinear import quant_linears
 from . import views
-from .widgets import Progress, figure_widget, in_notebook, refresh, show
+from .widgets import Progress, figure_widget, ipython_display, refresh
 
 PROTOCOL_SETS = ("pride_and_prejudice", "moby_dick", "python_docs")
 
@@ -234,7 +234,7 @@ class Evaluator:
             return head + "\n" + self.table().to_string()
 
     def _ipython_display_(self) -> None:
-        show(self) if in_notebook() else print(repr(self))
+        ipython_display(self)
 
 
 def _errors_against(model, names, ref_out, ids) -> list[float]:

@@ -25,7 +25,7 @@ from ..config import QuantConfig
 from ..gptq import GPTQResult
 from ..hessians import CachedLayer
 from . import views
-from .widgets import figure_widget, in_notebook, refresh, show
+from .widgets import figure_widget, ipython_display, refresh
 
 FIGURES = ("spectrum", "diagonal", "weights", "column_error", "scales", "act_order")
 GROUP_SIZES = (-1, 32, 64, 128, 256)
@@ -267,4 +267,4 @@ class LayerInspector:
         return "LayerInspector " + "\n".join(self.summary_lines())
 
     def _ipython_display_(self) -> None:
-        show(self) if in_notebook() else print(repr(self))
+        ipython_display(self)

@@ -30,7 +30,7 @@ from ..gptq import GPTQResult
 from ..hessians import CachedLayer, output_error
 from ..pipeline import linear_names, quantize_model
 from . import views
-from .widgets import Progress, figure_widget, in_notebook, refresh, show
+from .widgets import Progress, figure_widget, in_notebook, ipython_display, refresh, show
 
 
 class Quantizer:
@@ -74,7 +74,7 @@ class Quantizer:
                              for n in self.names}
         else:
             self.model = copy.deepcopy(self.reference)
-        if in_notebook() and progress is True and not getattr(self, "_displayed", False):
+        if in_notebook() and progress is True:
             show(self)
         self.status, t_last = "running", [time.perf_counter()]
 
@@ -182,8 +182,12 @@ class Quantizer:
             raise KeyError(f"{unknown} are not quantizable layers; names look like {self.names[0]!r}")
         if self.calibrator is None:
             raise ValueError("requantize needs a Calibrator for the Hessians")
-        if self.calibrator.hessians is None:
-            self.calibrator.collect(self.reference if self.reference is not None else self._float_model())
+        c = self.calibrator
+        held, held_absmax = dict(c.hessians or {}), dict(c.absmax or {})
+        missing = [n for n in names if n not in held]
+        if missing:             # only the layers it lacks; keep the rest (inplace: a new float copy)
+            c.collect(self.reference if self.reference is not None else self._float_model(), names=missing)
+            c.hessians, c.absmax = {**held, **c.hessians}, {**held_absmax, **(c.absmax or {})}
         for name in names:
             weight = self._float_weight(name)
             result = CachedLayer(weight, self.calibrator.hessians[name]).solve(config.for_module(name))
@@ -248,4 +252,4 @@ class Quantizer:
         return "\n".join(lines)
 
     def _ipython_display_(self) -> None:
-        show(self) if in_notebook() else print(repr(self))
+        ipython_display(self)

@@ -88,8 +88,29 @@ class Progress:
         self.close()
 
 
+def _cell() -> int | None:
+    """The running cell's execution count (None outside IPython)."""
+    shell = sys.modules.get("IPython") and sys.modules["IPython"].get_ipython()
+    return getattr(shell, "execution_count", None) if shell else None
+
+
+def shown_in_this_cell(obj) -> bool:
+    """True if ``show(obj)`` already ran in the cell being executed."""
+    cell = _cell()
+    return cell is not None and getattr(obj, "_shown_in_cell", None) == cell
+
+
 def show(obj) -> None:
-    """Display ``obj.widget`` in a notebook (used by ``_ipython_display_``)."""
+    """Display ``obj.widget`` in a notebook, at most once per cell: a method that shows its
+    live view (``Quantizer.run``) and returns the object would otherwise show it twice, once
+    itself and once through the cell's result (``_ipython_display_``)."""
+    if shown_in_this_cell(obj):
+        return
     from IPython.display import display
     display(obj.widget)
-    obj._displayed = True
+    obj._shown_in_cell = _cell()
+
+
+def ipython_display(obj) -> None:
+    """The objects' ``_ipython_display_``: the widget in a notebook, the text repr elsewhere."""
+    show(obj) if in_notebook() else print(repr(obj))
