@@ -14,6 +14,14 @@ Buffers (K = in_features, N = out_features, G = number of groups), the checkpoin
 K and N must be multiples of 32 // bits (of 32 for 3-bit). Nothing dequantized is kept
 between calls unless ``cache_weight`` is set (that trades the memory saving for speed).
 Keep the layer in fp16: ``model.to(torch.bfloat16)`` would cast ``scales`` too (lossy).
+
+For inference, call ``prepare()`` (``gptq_lab.generate.prepare_model`` does every layer) once
+the layer is on its device: the kernel is chosen then, not per call, and on CUDA the Triton
+layout is kept as non-persistent buffers, so forward has no data-dependent Python branching and
+runs under ``torch.compile(fullgraph=True)`` and CUDA graphs. Calls with more than
+``dequant_above`` rows (prefill) dequantize W once into a shared buffer and use torch.matmul.
+``prepare(release_checkpoint=True)`` frees the checkpoint-layout ``qweight`` (it would double
+the weights' memory); such a layer still runs but can no longer be saved or dequantized.
 """
 from __future__ import annotations
 
@@ -25,6 +33,8 @@ import torch
 from torch import nn
 
 from . import kernels
+from .kernels import ops as kernel_ops
+from .kernels import triton_pack
 from .arch import in_out_features, is_conv1d
 from .config import QuantConfig
 from .errors import NumericalError, UnsupportedModelError
@@ -50,6 +60,9 @@ class QuantLinear(nn.Module):
         self.bits, self.group_size, self.sym = bits, group_size, sym
         self.cache_weight = False
         self._weight_cache: torch.Tensor | None = None
+        self.backend: str | None = None            # set by prepare(); None: resolved per call
+        self._kernel_meta: tuple | None = None     # PreparedGPTQ's int fields, when prepared
+        self._released = False
         groups = math.ceil(in_features / (in_features if group_size == -1 else group_size))
         kw = {"device": device}
         self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features,
@@ -91,6 +104,7 @@ class QuantLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [K, N] (input-major)."""
+        self._check_not_released("dequantize")
         return kernels.reference.dequantize_gptq(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,12 +113,73 @@ class QuantLinear(nn.Module):
         if self.cache_weight:
             w = self._cached(flat.dtype)
             out = flat @ w                                                               # [M, N]
+        elif self.backend is not None:
+            out = self._prepared_forward(flat)
         else:
             self._weight_cache = None
             out = kernels.gptq_matmul(flat, self.qweight, self.scales, self.qzeros, self.g_idx, self.bits)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    # ------------------------------------------------------------------ inference path
+    dequant_above = 128     # rows of x above which W is dequantized once per call (prefill)
+
+    def prepare(self, release_checkpoint: bool = False) -> QuantLinear:
+        """Choose the kernel for the layer's current device and keep its runtime layout; call
+        again after moving the layer. Checks the buffers once (forward then checks nothing).
+
+        CUDA with Triton, 2/4/8 bits: the Triton layout (``kernels.triton_pack``) is kept as
+        non-persistent buffers ``kernel_*``; ``release_checkpoint=True`` then frees ``qweight``.
+        Elsewhere: the torch reference, written without data-dependent branches.
+        """
+        device = self.qweight.device
+        self._check_not_released("prepare")
+        kernels.reference.check_gptq_tensors(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits)
+        g = self.g_idx.long()
+        if g.numel() and (int(g.min()) < 0 or int(g.max()) >= self.n_groups):
+            raise ValueError(f"g_idx values must lie in [0, {self.n_groups}), got [{int(g.min())}, {int(g.max())}]")
+        self.backend = kernels.default_backend(device)
+        self._kernel_meta = None
+        if self.backend == "triton" and self.bits in (2, 4, 8):
+            p = triton_pack.prepare(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits)
+            for name in ("qweight", "scales", "zeros", "perm"):
+                self.register_buffer(f"kernel_{name}", getattr(p, name), persistent=False)
+            self._kernel_meta = (p.bits, p.group_size, p.zero, p.in_features, p.out_features)
+            if release_checkpoint:
+                self.qweight = torch.empty((0, self.out_features), dtype=torch.int32, device=device)
+                self._released = True
+        return self
+
+    def _kernel_layout(self):
+        b, gs, zero, k, n = self._kernel_meta
+        return triton_pack.PreparedGPTQ(self.kernel_qweight, self.kernel_scales, self.kernel_zeros,
+                                                self.kernel_perm, b, gs, zero, k, n)
+
+    def _prepared_forward(self, flat: torch.Tensor) -> torch.Tensor:
+        """Branches only on shapes, dtypes and devices (static under torch.compile)."""
+        big = flat.shape[0] > self.dequant_above
+        if self._kernel_meta is not None and flat.is_cuda and flat.dtype in (torch.float16, torch.bfloat16):
+            p = self._kernel_layout()
+            return kernel_ops.dequant_mm(flat, p) if big else kernel_ops.gptq_mm(flat, p)
+        self._check_not_released("run this input on the reference path")
+        if self.bits == 3:                   # codes straddle words (not traceable: 3-bit compiles break)
+            w = self.dequantize()                                                        # [K, N] fp32
+        else:
+            w = unpack_dequantize(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits)
+        if big and not torch.compiler.is_compiling():               # one reused buffer, not one per call
+            return flat @ kernel_ops.workspace(w.numel(), flat.dtype, flat.device).view(w.shape).copy_(w)
+        return flat @ w.to(flat.dtype)
+
+    def _check_not_released(self, what: str) -> None:
+        if self._released:
+            raise UnsupportedModelError(
+                f"cannot {what}: this layer's checkpoint qweight was freed by prepare(release_checkpoint=True) "
+                f"to save memory; reload the checkpoint (gptq_lab.load) to save, dequantize or move it")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._check_not_released("save it (state_dict)")
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _cached(self, dtype: torch.dtype) -> torch.Tensor:
         w = self._weight_cache
@@ -115,6 +190,21 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, sym={self.sym}, bias={self.bias is not None}")
+
+
+def unpack_dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                      g_idx: torch.Tensor, bits: int) -> torch.Tensor:
+    """The float32 weight [K, N] from checkpoint tensors (true zeros), 2/4/8 bits, no checks and
+    no data-dependent branches (traceable); ``kernels.reference.dequantize_gptq`` checks."""
+    per = 32 // bits
+    shifts = torch.arange(per, device=qweight.device, dtype=torch.int32) * bits        # [P]
+    mask = (1 << bits) - 1
+    codes = (qweight[:, None, :] >> shifts[None, :, None]) & mask                     # [K/P, P, N]
+    codes = codes.reshape(-1, qweight.shape[1])                                       # [K, N]
+    zeros = (qzeros[:, :, None] >> shifts[None, None, :]) & mask                      # [G, N/P, P]
+    zeros = zeros.reshape(qzeros.shape[0], -1)                                        # [G, N]
+    g = g_idx.long()
+    return scales.float()[g] * (codes - zeros[g]).float()                             # [K, N]
 
 
 def _check_fp16_range(scales: torch.Tensor) -> None:

@@ -4,6 +4,7 @@
     p = triton_pack.prepare(qweight, scales, qzeros, g_idx, bits)       # once, at load
     y = gptq_mm(x, p)                           # torch.ops.gptq_lab.triton_gptq_mm
     y = gptq_matmul(x, qweight, scales, qzeros, g_idx, bits)           # checkpoint tensors
+    y = dequant_mm(x, p)             # large M: W dequantized into a shared buffer, then cuBLAS
 
 ``gptq_mm`` is the fast path: the layer keeps a PreparedGPTQ. ``gptq_matmul`` has
 ``reference.gptq_matmul``'s signature for the backend dict; it prepares each layer on first
@@ -18,7 +19,7 @@ import weakref
 
 import torch
 
-from .triton_pack import PreparedGPTQ, prepare
+from .triton_pack import PreparedGPTQ, permute_input, prepare
 
 
 @torch.library.custom_op("gptq_lab::triton_gptq_mm", mutates_args=())
@@ -84,6 +85,61 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qz
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [M, K], got shape {list(x.shape)}; flatten leading dims")
     return torch.ops.gptq_lab.triton_gptq_matmul(x, qweight, scales, qzeros, g_idx, bits)
+
+
+@torch.library.custom_op("gptq_lab::triton_gptq_dequant", mutates_args=())
+def triton_gptq_dequant(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                        perm: torch.Tensor | None, bits: int, group_size: int, zero: int,
+                        in_features: int, out_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """The PreparedGPTQ given field by field -> its weight [N, K'] in kernel order, ``dtype``."""
+    from .triton_gemm import dequantize_weight
+    return dequantize_weight(PreparedGPTQ(qweight, scales, zeros, perm, bits, group_size, zero,
+                                          in_features, out_features), dtype)
+
+
+@triton_gptq_dequant.register_fake
+def _(qweight, scales, zeros, perm, bits, group_size, zero, in_features, out_features, dtype):
+    k_rows = perm.shape[0] if perm is not None else in_features
+    return qweight.new_empty((out_features, k_rows), dtype=dtype)
+
+
+_WORKSPACES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 1-D buffer of ``numel`` elements, shared by every layer on ``device`` in ``dtype``: grown
+    to the largest request, never shrunk (``clear_workspaces`` frees it). Callers on one stream
+    may reuse it back to back (stream order keeps a matmul's read before the next write); do not
+    use it from several streams at once."""
+    key = (torch.device(device), dtype)
+    buf = _WORKSPACES.get(key)
+    if buf is None or buf.numel() < numel:
+        _WORKSPACES.pop(key, None)
+        buf = _WORKSPACES[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def clear_workspaces() -> None:
+    """Free the dequantization buffers (e.g. between models in a benchmark)."""
+    _WORKSPACES.clear()
+
+
+def dequant_mm(x: torch.Tensor, p: PreparedGPTQ) -> torch.Tensor:
+    """x [..., K] fp16/bf16 on CUDA -> [..., N] by dequantizing W once into a buffer, then
+    torch.matmul (cuBLAS): the fast path for large M (prefill). Eager calls write into the shared
+    ``workspace``; under torch.compile the op returns a fresh tensor (the compiler plans memory)."""
+    flat = permute_input(x.reshape(-1, p.in_features), p)                        # [M, K']
+    k_rows = flat.shape[1]
+    if torch.compiler.is_compiling():
+        w = torch.ops.gptq_lab.triton_gptq_dequant(p.qweight, p.scales, p.zeros, p.perm, p.bits,
+                                                   p.group_size, p.zero, p.in_features,
+                                                   p.out_features, x.dtype)
+    else:
+        from .triton_gemm import dequantize_weight
+        w = workspace(p.out_features * k_rows, x.dtype, x.device).view(p.out_features, k_rows)
+        dequantize_weight(p, x.dtype, k_rows, out=w)                            # [N, K']
+    out = flat @ w.t()                                                           # [M, N]
+    return out.reshape(*x.shape[:-1], p.out_features)
 
 
 def supports(x: torch.Tensor, bits: int) -> bool:

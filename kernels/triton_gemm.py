@@ -337,12 +337,14 @@ def compile_ahead(x: torch.Tensor, p: PreparedGPTQ, configs: list[KernelConfig],
 
 
 def dequantize_weight(p: PreparedGPTQ, dtype: torch.dtype, k_rows: int | None = None,
-                      cfg: KernelConfig | None = None) -> torch.Tensor:
-    """The weight in kernel order as ``dtype`` [N, K'] (row n = output column n)."""
+                      cfg: KernelConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight in kernel order as ``dtype`` [N, K'] (row n = output column n), written into
+    ``out`` (contiguous [N, K'] of ``dtype``) when given."""
     k_rows = k_rows or (p.perm.numel() if p.perm is not None else p.in_features)
     bk = 128 if p.group_size >= k_rows else min(128, p.group_size & -p.group_size)
     cfg = cfg or KernelConfig("dequant", block_n=64, block_k=bk)
-    w = torch.empty((p.out_features, k_rows), dtype=dtype, device=p.qweight.device)
+    w = out if out is not None else torch.empty((p.out_features, k_rows), dtype=dtype,
+                                                device=p.qweight.device)
     zeros = p.zeros if p.zero < 0 else p.scales
     magic, offset = _magic(p.bits, dtype)
     grid = (triton.cdiv(p.out_features, cfg.block_n), triton.cdiv(k_rows, cfg.block_k))

@@ -1,0 +1,226 @@
+"""Greedy generation, two ways, and the decode-speed figures measured on them.
+
+    model = prepare_model(gptq_lab.load("out/", device="cuda"))   # kernels chosen once
+    ids = StaticGreedy(model)(prompt_ids, 128)      # static KV cache, compiled step, CUDA graphs
+    ids = eager_greedy(model, prompt_ids, 128)      # transformers' generate, its default cache
+    report = measure_decode(model, "fast", DecodeSettings())      # {figure: value}
+
+``StaticGreedy`` runs the prompt (prefill) uncompiled into a transformers ``StaticCache`` and
+each later token through ``torch.compile(fullgraph=True, mode="reduce-overhead")`` (CUDA graphs
+on a GPU; inductor alone on CPU), with one cache per (batch, cache length), reused. The same
+loop serves float and quantized models, so their speeds compare on the same path. Engine code:
+returns data, prints nothing.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .qlinear import quant_linears
+
+PATHS = ("eager", "fast")
+
+
+def prepare_model(model: nn.Module, release_checkpoint: bool = False) -> nn.Module:
+    """``QuantLinear.prepare`` every quantized layer (after the model is on its device) and
+    return the model. ``release_checkpoint`` frees the checkpoint-layout ``qweight`` of layers
+    that got a kernel layout: the model then runs but cannot be saved."""
+    for layer in quant_linears(model).values():
+        layer.prepare(release_checkpoint=release_checkpoint)
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, each storage once (tied weights)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.numel() and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def eager_greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """ids [B, T] -> [B, T + new_tokens] by transformers' ``generate`` (greedy, default dynamic
+    cache, no compilation); exactly ``new_tokens`` are produced (end-of-text is ignored)."""
+    ids = ids.to(_device(model))
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                          disable_compile=True, cache_implementation=None)
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """transformers >= 5.x names the cache argument ``cache``; earlier ones ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class _Step(nn.Module):
+    """One decode step: tokens [B, 1] at ``position`` [1] -> the greedy next tokens [B, 1]."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.cache_kwarg = _cache_kwarg(model)
+
+    def forward(self, tokens: torch.Tensor, cache, position: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=tokens, cache_position=position, use_cache=True,
+                            **{self.cache_kwarg: cache}).logits                   # [B, 1, V]
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+
+class StaticGreedy:
+    """Greedy decoding with a static KV cache and a compiled decode step.
+
+    compile: wrap the step in ``torch.compile(fullgraph=True, mode=mode, dynamic=dynamic)``;
+    False runs the same loop uncompiled (for tests and CPUs where compiling costs more than it
+    saves). With ``dynamic=None`` (torch's default) the first (batch, cache length) compiles
+    static and a second one recompiles with those sizes symbolic; CUDA graphs are recorded once
+    per shape. Warm up every shape you will time. The first step of each new shape runs
+    uncompiled, so kernels tune themselves outside graph capture.
+    """
+
+    def __init__(self, model: nn.Module, compile: bool = True, mode: str | None = "reduce-overhead",
+                 dynamic: bool | None = None):
+        self.model = model
+        self.uncompiled = _Step(model)
+        self.compiled = compile
+        self.step = (torch.compile(self.uncompiled, fullgraph=True, mode=mode, dynamic=dynamic)
+                     if compile else self.uncompiled)
+        self._caches: dict[tuple[int, int], object] = {}
+
+    def cache(self, batch: int, length: int):
+        """The StaticCache for (batch, length), zeroed (one per shape, so CUDA graphs keep their
+        addresses)."""
+        from transformers import StaticCache
+        key = (batch, length)
+        if key not in self._caches:
+            self._caches[key] = StaticCache(config=self.model.config, max_cache_len=length)
+        cache = self._caches[key]
+        cache.reset()
+        return cache
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        """Run the prompt ids [B, T] into ``cache`` (uncompiled); -> first new tokens [B, 1]."""
+        position = torch.arange(ids.shape[1], device=ids.device)
+        logits = self.model(input_ids=ids, cache_position=position, use_cache=True, logits_to_keep=1,
+                            **{self.uncompiled.cache_kwarg: cache}).logits          # [B, 1, V]
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor, new_tokens: int, cache_length: int | None = None) -> torch.Tensor:
+        """ids [B, T] -> [B, T + new_tokens]. ``cache_length`` (default T + new_tokens) fixes the
+        cache shape, so calls with fewer tokens reuse the compiled step of longer ones."""
+        if new_tokens < 1:
+            raise ValueError(f"new_tokens={new_tokens}; ask for at least 1")
+        ids = ids.to(_device(self.model))
+        b, t = ids.shape
+        length = cache_length or t + new_tokens
+        if length < t + new_tokens - 1:
+            raise ValueError(f"cache_length={length} cannot hold a {t}-token prompt and {new_tokens} new tokens")
+        new_shape = (b, length) not in self._caches
+        cache = self.cache(b, length)
+        out = torch.empty((b, t + new_tokens), dtype=ids.dtype, device=ids.device)
+        out[:, :t] = ids
+        token = out[:, t:t + 1] = self.prefill(ids, cache)
+        positions = torch.arange(t, t + new_tokens, device=ids.device)
+        for i in range(new_tokens - 1):
+            step = self.uncompiled if new_shape and i == 0 else self.step
+            if step is not self.uncompiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            token = step(token, cache, positions[i:i + 1]).clone()           # graphs reuse outputs
+            out[:, t + i + 1:t + i + 2] = token
+        return out
+
+
+# ---------------------------------------------------------------------- measurement
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """What ``measure_decode`` times. Decode rates exclude the prompt: (new_tokens - 1) * batch
+    tokens over t(new_tokens) - t(1), each the median of ``repeats`` runs after ``warmup``."""
+    prompt: int = 32
+    long_prompt: int = 2048
+    new_tokens: int = 128
+    batches: tuple[int, ...] = (8, 32)
+    repeats: int = 2
+    warmup: int = 1
+    vocab: int | None = None          # token ids drawn below this (default: the model's vocab)
+    seed: int = 0
+
+
+def figure_names(settings: DecodeSettings) -> list[str]:
+    """The keys of ``measure_decode``'s result, in table order (tokens/s, then GB)."""
+    s = settings
+    return ([f"decode b1 p{s.prompt}", f"decode b1 p{s.long_prompt}", f"prefill p{s.long_prompt}"]
+            + [f"decode b{b} p{s.prompt}" for b in s.batches] + ["weights GB", "peak GB"])
+
+
+def measure_decode(model: nn.Module, path: str, settings: DecodeSettings | None = None,
+                   progress: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Decode and prefill tokens/s of ``model`` on ``path`` ("eager": transformers' generate;
+    "fast": StaticGreedy) and its memory: weights GB (parameters and buffers) and peak GB (the
+    device's peak allocation during the runs; NaN on CPU). Keys: ``figure_names(settings)``."""
+    if path not in PATHS:
+        raise ValueError(f"path={path!r}; use one of {PATHS}")
+    s = settings or DecodeSettings()
+    device = _device(model)
+    vocab = s.vocab or model.config.vocab_size
+    gen = torch.Generator().manual_seed(s.seed)
+
+    def prompt(batch: int, length: int) -> torch.Tensor:
+        return torch.randint(0, vocab, (batch, length), generator=gen).to(device)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    fast = StaticGreedy(model) if path == "fast" else None
+
+    def run(ids: torch.Tensor, n: int) -> None:
+        if fast is not None:
+            fast(ids, n, cache_length=ids.shape[1] + s.new_tokens)
+        else:
+            eager_greedy(model, ids, n)
+
+    out: dict[str, float] = {}
+    shapes = [(1, s.prompt, f"decode b1 p{s.prompt}"), (1, s.long_prompt, f"decode b1 p{s.long_prompt}")]
+    shapes += [(b, s.prompt, f"decode b{b} p{s.prompt}") for b in s.batches]
+    for batch, length, name in shapes:
+        if progress:
+            progress(f"{path}: {name}")
+        ids = prompt(batch, length)
+        full = _median_time(lambda: run(ids, s.new_tokens), device, s.warmup, s.repeats)
+        first = _median_time(lambda: run(ids, 1), device, s.warmup, s.repeats)
+        out[name] = batch * (s.new_tokens - 1) / max(full - first, 1e-9)
+        if length == s.long_prompt and batch == 1:
+            out[f"prefill p{s.long_prompt}"] = length / first
+    out["weights GB"] = weight_bytes(model) / 1e9
+    out["peak GB"] = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
+    return {k: out[k] for k in figure_names(s)}
+
+
+def _median_time(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(repeats, 1)):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
