@@ -72,15 +72,24 @@ def heldout_windows(tokenizer, corpora: tuple[str, ...], n_samples: int, seqlen:
     t = len(ids)
     lo = int(0.05 * t)                                                         # as data.eval_windows
     hi = lo + min(eval_windows, (t - lo) // seqlen) * seqlen                   # eval region [lo, hi)
-    before = max(0, lo - seqlen + 1)                                           # starts 0 .. lo - seqlen
-    after = max(0, t - seqlen - hi)                                            # starts hi .. t - seqlen - 1
-    if before + after < 1:
+    starts = heldout_starts(t, seqlen, lo, hi, n_samples, seed)
+    if not starts:
         raise CalibrationError(f"{corpora[0]} has {t} tokens; after holding out its evaluation region "
                                f"[{lo}, {hi}) no window of {seqlen} tokens is left for calibration")
-    rng = random.Random(seed)
-    starts = [u if u < before else hi + u - before
-              for u in (rng.randint(0, before + after - 1) for _ in range(n_samples))]
     return torch.stack([ids[s:s + seqlen] for s in starts])                    # [n_samples, seqlen]
+
+
+def heldout_starts(n_tokens: int, seqlen: int, lo: int, hi: int, n_samples: int, seed: int) -> list[int]:
+    """``n_samples`` window starts s, drawn with ``random.Random(seed)`` uniformly among those whose
+    window [s, s + seqlen) lies wholly before ``lo`` or wholly in [hi, n_tokens - 1) (leaving a next
+    token, as data.calibration_windows does); [] if there is none."""
+    before = max(0, lo - seqlen + 1)                                           # starts 0 .. lo - seqlen
+    after = max(0, n_tokens - seqlen - hi)                                     # starts hi .. T - seqlen - 1
+    if before + after < 1:
+        return []
+    rng = random.Random(seed)
+    return [u if u < before else hi + u - before
+            for u in (rng.randint(0, before + after - 1) for _ in range(n_samples))]
 
 
 def apportion(n: int, weights: list[float]) -> list[int]:

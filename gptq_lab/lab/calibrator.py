@@ -199,6 +199,20 @@ class Calibrator:
                 cb(j + 1, len(names), name)
         return pd.DataFrame(rows)
 
+    def sensitivity(self, model: nn.Module | None = None, bits: tuple[int, ...] = (2, 3, 4, 8),
+                    config: QuantConfig | None = None, progress=True):
+        """GPTQ loss of every linear at each of ``bits``, re-solved from this set's cached Hessians
+        (collected on ``model`` first if needed): a ``gptq_lab.sensitivity.Sensitivity`` for
+        ``gptq_lab.planner.plan``; draw it with ``gptq_lab.lab.studies.plan_figure``."""
+        from ..sensitivity import layer_sensitivity
+        model = model or self._model_ref
+        if model is None:
+            raise ValueError("sensitivity needs the model: pass model= or collect() first")
+        if self.hessians is None:
+            self.collect(model, progress=progress)
+        with Progress(progress, "sensitivity") as cb:
+            return layer_sensitivity(model, self.hessians, bits, config or QuantConfig(), progress=cb)
+
     def compare_figure(self, table: pd.DataFrame, other_name: str = "B") -> go.Figure:
         ratio = table.get("cross_ratio")
         return views.calibration_compare_figure(list(table["layer"]), table["similarity"], ratio,

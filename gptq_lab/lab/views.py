@@ -234,3 +234,61 @@ def layer_error_figure(errors: dict[str, list[float]], layers: list[str]) -> go.
     fig.update_yaxes(type="log", title="relative squared error")
     fig.update_layout(margin=dict(l=60, r=20, t=50, b=120))
     return fig
+
+
+# ---------------------------------------------------------------------------- calibration studies
+
+def cross_domain_figure(perplexity, calib: list[str], evals: list[str], title: str = "") -> go.Figure:
+    """Heatmap [calibration source, eval set] of perplexity, annotated; colour = perplexity over the
+    best calibration for that eval set (1 = best), so columns of different scale compare."""
+    p = _np(perplexity)                                                     # [C, E]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = p / np.nanmin(p, axis=0, keepdims=True)
+    fig = _fig(title or "Perplexity by calibration source (rows) and evaluation set (columns)",
+               height=max(280, 120 + 45 * len(calib)))
+    fig.add_heatmap(z=_json_safe(ratio), x=list(evals), y=list(calib), colorscale="Reds",
+                    text=[[f"{v:.2f}" for v in row] for row in p], texttemplate="%{text}",
+                    customdata=_json_safe(p), colorbar=dict(title="/ best"),
+                    hovertemplate="calibrated on %{y}<br>evaluated on %{x}<br>perplexity %{customdata:.3f}"
+                                  "<extra></extra>")
+    fig.update_yaxes(autorange="reversed", title="calibration")
+    fig.update_xaxes(title="evaluation")
+    return fig
+
+
+def sample_curve_figure(n_samples: list[int], gptq_loss, perplexity: dict[str, list[float]],
+                        enough: dict[str, int | None], rule: str = "") -> go.Figure:
+    """Perplexity per eval set and total GPTQ loss against the number of calibration samples (log2
+    axis); a diamond marks where each curve stops improving by the ``rule``."""
+    fig = make_subplots(1, 2, subplot_titles=("perplexity", "GPTQ loss (own calibration)"),
+                        horizontal_spacing=0.1)
+    for name, values in perplexity.items():
+        fig.add_scatter(x=n_samples, y=_json_safe(values), mode="lines+markers", name=name, row=1, col=1)
+    marks = [(n, perplexity[e][n_samples.index(n)], e) for e, n in enough.items() if n is not None]
+    fig.add_scatter(x=[m[0] for m in marks], y=[m[1] for m in marks], text=[m[2] for m in marks],
+                    mode="markers", marker=dict(symbol="diamond", size=12, color="black"),
+                    name="enough samples", hovertemplate="%{text}: enough at n = %{x}<extra></extra>",
+                    row=1, col=1)
+    fig.add_scatter(x=n_samples, y=_json_safe(gptq_loss), mode="lines+markers", name="GPTQ loss",
+                    row=1, col=2)
+    fig.update_xaxes(type="log", title="calibration samples", dtick=math.log10(2))
+    fig.update_yaxes(type="log", row=1, col=1)
+    fig.update_layout(title=f"How many calibration samples?<br><sup>{rule}</sup>", template=TEMPLATE,
+                      height=380, margin=dict(l=60, r=20, t=80, b=45))
+    return fig
+
+
+def plan_figure(values, bits, blocks: list[str], modules: list[str], title: str = "") -> go.Figure:
+    """Sensitivity heatmap [blocks, module types] (log10 of ``values``) annotated with each layer's
+    planned bits (``bits``, same shape; NaN = not planned)."""
+    v, b = _np(values), _np(bits)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.log10(np.where(v > 0, v, np.nan))
+    fig = _fig(title or "Sensitivity (log10) and planned bits", height=max(300, 60 + 16 * len(blocks)))
+    fig.add_heatmap(z=_json_safe(z), x=list(modules), y=list(blocks), colorscale="Magma",
+                    text=[["" if math.isnan(x) else str(int(x)) for x in row] for row in b],
+                    texttemplate="%{text}", customdata=_json_safe(v), colorbar=dict(title="log10"),
+                    hovertemplate="block %{y} %{x}<br>sensitivity %{customdata:.4g}<br>%{text} bits"
+                                  "<extra></extra>")
+    fig.update_yaxes(autorange="reversed", title="block")
+    return fig
