@@ -61,7 +61,8 @@ def cmd_quantize(args) -> None:
         calib = data.calibration_windows(tokenizer, args.calib, args.n_samples, args.seqlen, args.seed)
     t0 = time.perf_counter()
     results = quantize_model(model, calib, config, method=args.method, device=args.device,
-                             batch_size=args.batch_size, progress=tqdm_progress(f"{args.method} {args.bits}-bit"))
+                             batch_size=args.batch_size, progress=tqdm_progress(f"{args.method} {args.bits}-bit"),
+                             resume_dir=args.resume_dir, offload_activations=args.offload_activations)
     print(f"quantized {len(results)} linear layers with {args.method} in {time.perf_counter() - t0:.1f} s")
     if args.method == "gptq":
         worst = sorted(results.items(), key=lambda kv: -kv[1].loss)[:5]
@@ -133,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward (default all)")
     q.add_argument("--device", default=None, help="where blocks run (default cuda if available)")
+    q.add_argument("--resume-dir", default=None, help="save the run's state here after each block; rerun the "
+                   "same command to continue a killed run from its last finished block")
+    q.add_argument("--offload-activations", action="store_true",
+                   help="keep calibration activations in CPU memory (with --batch-size: less GPU memory)")
     q.add_argument("--eval", action="store_true", help="print perplexity on Pride and Prejudice afterwards")
     q.add_argument("--windows", type=int, default=16)
     q.add_argument("--out", help="write a GPTQ checkpoint to this directory")

@@ -86,6 +86,11 @@ class GPTQResult:
         g = self.g_idx.long().to(self.scales.device)
         return self.scales[:, g] * (self.codes.float() - self.zeros[:, g].float())
 
+    def to(self, device: torch.device | str) -> GPTQResult:
+        """The same result with every tensor on ``device``."""
+        moved = {f: (v.to(device) if isinstance(v, torch.Tensor) else v) for f, v in self.__dict__.items()}
+        return GPTQResult(**moved)
+
 
 def _damped_inverse_cholesky(hessian: torch.Tensor, damp: float):
     """Upper Cholesky factor of (H + damp*mean(diag) I)^-1, escalating damp on failure."""

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -29,12 +31,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from . import distributed
 from .arch import block_linears, family_of, get_blocks, in_out_features, set_weight_matrix, weight_matrix
 from .config import QuantConfig
 from .errors import CalibrationError, ConfigError, NumericalError, UnsupportedModelError
 from .gptq import GPTQResult, HessianAccumulator, rtn_result, solve
 from .progress import Progress
 from .progress import resolve as resolve_progress
+from .resume import ResumeError, RunState, fingerprint, module_digest
+from .timing import NULL_TIMER, PhaseTimer
 
 
 
@@ -100,17 +105,30 @@ def quantize_model(model: nn.Module, calibration: torch.Tensor | None = None,
                    progress: Progress | bool | None = None,
                    compute_dtype: torch.dtype | None = None,
                    on_block: Callable[[int, dict[str, GPTQResult]], None] | None = None,
+                   *, resume_dir: str | os.PathLike | None = None, offload_activations: bool = False,
+                   timer: PhaseTimer | None = None,
                    ) -> dict[str, GPTQResult]:
-    """Quantize ``model`` in place (fake-quant) and return name -> GPTQResult.
+    """Quantize ``model`` in place (fake-quant) and return name -> GPTQResult (tensors on CPU).
 
     calibration: LongTensor [n_samples, seqlen] of token ids (not needed for RTN).
     method: "gptq" or "rtn".
-    device: where each block runs (default: cuda if available, else cpu).
+    device: where each block runs (default: cuda if available, else cpu). The model itself
+        stays where it is (CPU RAM, or memory-mapped weights): only a copy of the current block,
+        its Hessians and float32 master weights, and the activations go to ``device``.
     batch_size: calibration samples per forward (default: all at once, one pass per block).
     progress: called as progress(done, total, message) after each block; None draws a
         tqdm.auto bar, False is silent.
     compute_dtype: dtype of the calibration forward (default: see _default_compute_dtype).
     on_block: called as on_block(block_index, {full_name: result}) after each block (live views).
+    resume_dir: after each block, write the run's state here (atomically, see gptq_lab.resume);
+        a later call with the same model, calibration and settings continues after the last
+        finished block and returns exactly what an uninterrupted run returns.
+    offload_activations: keep the calibration activations in CPU memory between blocks and move
+        one batch at a time to ``device`` (set ``batch_size`` too, or the single batch is the
+        whole calibration set).
+    timer: a gptq_lab.timing.PhaseTimer that is charged per phase (benchmarks).
+    Under torch.distributed (torchrun), see gptq_lab.distributed: every rank calls this with the
+    same arguments and gets the same results.
     """
     config = config or QuantConfig()
     if method not in ("gptq", "rtn"):
@@ -125,24 +143,57 @@ def quantize_model(model: nn.Module, calibration: torch.Tensor | None = None,
     progress = resolve_progress(progress, f"{method} {config.bits}-bit")
     prefix = family.blocks
     if method == "rtn":
+        if resume_dir is not None:
+            raise ConfigError("resume_dir is for GPTQ runs; RTN takes seconds and has nothing to resume")
         results = _rtn_model(blocks, family, config, prefix, progress, on_block)
         model.gptq_config = config
         return results
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    inputs = capture_block_inputs(model, blocks[0], _check_calibration(model, calibration), batch_size, device)
-    results: dict[str, GPTQResult] = {}
+    timer = timer or NULL_TIMER
+    ids = distributed.shard_calibration(_check_calibration(model, calibration))
     dtype = compute_dtype or _default_compute_dtype(model, device)
-    for i, block in enumerate(blocks):
+    store = torch.device("cpu") if offload_activations else device
+    state = None
+    if resume_dir is not None:
+        distributed.refuse("resume_dir")
+        state = RunState(resume_dir, fingerprint(model, blocks, ids, config, method=method, dtype=dtype,
+                                                 device=device.type, batch_size=batch_size))
+    start, results, hiddens = state.load(blocks) if state else (0, {}, None)
+    with timer("capture inputs"):
+        inputs = capture_block_inputs(model, blocks[0], ids, batch_size, store)
+    if start:
+        inputs = _restore(blocks, family, results, start, hiddens, inputs, store)
+        progress(start, len(blocks), f"resumed after block {start - 1}")
+    for i in range(start, len(blocks)):
         t0 = time.perf_counter()
-        layer_results, inputs = _quantize_block_copy(block, family, inputs, device, dtype, config,
-                                                     f"{prefix}.{i}")
+        layer_results, inputs = _quantize_block_copy(blocks[i], family, inputs, device, dtype, config,
+                                                     f"{prefix}.{i}", store, timer)
         named = {f"{prefix}.{i}.{n}": r for n, r in layer_results.items()}
         results.update(named)
+        if state:
+            with timer("save state"):
+                state.save(i, named, [h for h, _ in inputs] if i + 1 < len(blocks) else None,
+                           module_digest(blocks[i]))
         if on_block:
             on_block(i, named)
         progress(i + 1, len(blocks), f"block {i} in {time.perf_counter() - t0:.1f}s")
     model.gptq_config = config
     return results
+
+
+def _restore(blocks, family, results, start, hiddens, inputs, store) -> Inputs:
+    """Write the saved results of blocks [0, start) into the model; the saved hidden states
+    replace the captured ones (the kwargs, the same for every block, are the captured ones)."""
+    prefix = family.blocks
+    for i in range(start):
+        for n, mod in block_linears(blocks[i], family).items():
+            set_weight_matrix(mod, results[f"{prefix}.{i}.{n}"].dequantize())
+    if start == len(blocks):
+        return inputs
+    if len(hiddens) != len(inputs):
+        raise ResumeError(f"the resume state holds {len(hiddens)} batches of activations, this run has "
+                          f"{len(inputs)}; resume with the same batch_size")
+    return [(h.to(store), kw) for h, (_, kw) in zip(hiddens, inputs)]
 
 
 def _default_compute_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
@@ -155,23 +206,39 @@ def _default_compute_dtype(model: nn.Module, device: torch.device) -> torch.dtyp
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
-def _quantize_block_copy(block, family, inputs, device, dtype, config, block_name):
-    """Quantize a working copy of ``block`` on ``device`` in ``dtype``; write the float32
-    results into the original block only once the whole block succeeded."""
-    masters = {n: weight_matrix(m).detach().float().clone() for n, m in block_linears(block, family).items()}
-    work = copy.deepcopy(block).to(device=device, dtype=dtype)
-    inputs = [(h.to(dtype), {k: _to(v, device, dtype) for k, v in kw.items()}) for h, kw in inputs]
+def block_to(block: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``block`` on ``device``, floating parameters and buffers cast to ``dtype``.
+    Each tensor is copied straight to ``device`` (no intermediate CPU copy of the block, so
+    memory-mapped weights are read once)."""
+    memo: dict = {}
+    for t in itertools.chain(block.parameters(), block.buffers()):
+        moved = t.detach().to(device, dtype if t.is_floating_point() else t.dtype, copy=True)
+        memo[id(t)] = nn.Parameter(moved, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else moved
+    return copy.deepcopy(block, memo)
+
+
+def _quantize_block_copy(block, family, inputs, device, dtype, config, block_name, store=None,
+                         timer=NULL_TIMER):
+    """Quantize a working copy of ``block`` on ``device`` in ``dtype``; write the results into
+    the original block only once the whole block succeeded. Results come back on the CPU."""
+    originals = block_linears(block, family)
+    with timer("move weights"):
+        masters = {n: weight_matrix(m).detach().to(device, torch.float32, copy=True) for n, m in originals.items()}
+        work = block_to(block, device, dtype)
     try:
         layer_results, outputs = quantize_block(
             work, family, inputs, lambda n: config.for_module(f"{block_name}.{n}"),
-            config.true_sequential, masters, prefix=f"{block_name}.")
+            config.true_sequential, masters, prefix=f"{block_name}.", device=device, dtype=dtype,
+            store=store or device, timer=timer)
     except NumericalError as e:
         raise NumericalError(f"{e}. Nothing was written to {block_name} or later blocks; earlier "
                              f"blocks are quantized in place") from None
     finally:
-        del work
-    for name, mod in block_linears(block, family).items():
-        set_weight_matrix(mod, layer_results[name].dequantize())
+        del work, masters
+    with timer("move weights"):
+        for name, mod in originals.items():
+            set_weight_matrix(mod, layer_results[name].dequantize())
+            layer_results[name] = layer_results[name].to("cpu")
     return layer_results, outputs
 
 
@@ -257,22 +324,29 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
 
 def quantize_block(block: nn.Module, family, inputs: Inputs, config_for: Callable[[str], QuantConfig],
                    true_sequential: bool = True, masters: dict[str, torch.Tensor] | None = None,
-                   prefix: str = "") -> tuple[dict[str, GPTQResult], Inputs]:
+                   prefix: str = "", *, device: torch.device | None = None, dtype: torch.dtype | None = None,
+                   store: torch.device | None = None, timer=NULL_TIMER) -> tuple[dict[str, GPTQResult], Inputs]:
     """GPTQ every linear of one block in place; return (name -> result, the block's outputs).
 
     masters: optional float32 [out, in] weights to solve from (when the block runs in a
     lower precision); by default the block's own weights. prefix: the block's name plus a dot,
-    put before a linear's name in errors and warnings.
+    put before a linear's name in errors and warnings. device/dtype: where and in what each batch
+    of ``inputs`` runs (moved one batch at a time; None: as they are); store: where the outputs
+    are kept (None: where they were computed). Under torch.distributed, each rank passes its
+    share of the calibration; Hessians are summed over ranks and solves split across them.
     """
     linears = block_linears(block, family)
     results: dict[str, GPTQResult] = {}
 
-    def solve_group(group, hessian):
+    def solve_group(group, acc):
+        with timer("hessian"):
+            distributed.all_reduce_hessian(acc)
+            hessian = acc.hessian()
         for name in group:
             mod = linears[name]
             weight = masters[name] if masters is not None else weight_matrix(mod)
-            with _layer_named(prefix + name):
-                res = solve(weight, hessian, config_for(name))
+            with timer("solve"), _layer_named(prefix + name):
+                res = distributed.solve(weight, hessian, config_for(name))
             if bool(res.dead_channels.all()):
                 warnings.warn(f"{prefix}{name}: every input channel was zero for this calibration, so GPTQ "
                               f"has no information and quantized the layer to zero (result.notes records "
@@ -280,37 +354,52 @@ def quantize_block(block: nn.Module, family, inputs: Inputs, config_for: Callabl
             set_weight_matrix(mod, res.dequantize())
             results[name] = res
 
+    def run(batch):
+        hidden, kwargs = _on(batch, device, dtype)
+        with timer("forward"):
+            out = _run_block(block, hidden, kwargs)
+        return out.to(store) if store is not None else out
+
     groups = family.sequential
     with torch.no_grad():
         if true_sequential and len(inputs) == 1:
             def solve_on_input(group):
                 def hook(_mod, args):
                     acc = HessianAccumulator(args[0].shape[-1], args[0].device)
-                    with _layer_named(prefix + group[0]):
+                    with timer("hessian"), _layer_named(prefix + group[0]):
                         acc.add(args[0])
-                    solve_group(group, acc.hessian())
+                    solve_group(group, acc)
                 return hook
             with scoped_hooks(lambda: [linears[g[0]].register_forward_pre_hook(solve_on_input(g))
                                        for g in groups]):
-                hidden, kwargs = inputs[0]
-                return results, [(_run_block(block, hidden, kwargs), kwargs)]
+                return results, [(run(inputs[0]), inputs[0][1])]
         for passes in ([[g] for g in groups] if true_sequential else [list(groups)]):
-            accs = _accumulate(block, linears, passes, inputs, prefix)
+            accs = _accumulate(block, linears, passes, inputs, prefix, device, dtype, timer)
             for g in passes:
-                solve_group(g, accs[g[0]].hessian())
-        return results, [(_run_block(block, h, kw), kw) for h, kw in inputs]
+                solve_group(g, accs[g[0]])
+        return results, [(run(b), b[1]) for b in inputs]
 
 
-def _accumulate(block, linears, groups, inputs: Inputs, prefix: str = "") -> dict[str, HessianAccumulator]:
+def _on(batch, device, dtype):
+    """A batch (hidden, kwargs) moved to ``device`` with floating tensors in ``dtype`` (None: as is)."""
+    hidden, kwargs = batch
+    if device is None:
+        return hidden, kwargs
+    return _to(hidden, device, dtype), {k: _to(v, device, dtype) for k, v in kwargs.items()}
+
+
+def _accumulate(block, linears, groups, inputs: Inputs, prefix: str = "", device=None, dtype=None,
+                timer=NULL_TIMER) -> dict[str, HessianAccumulator]:
     """One pass over the batches, accumulating each group's Hessian; each batch stops once every
     group has seen its input."""
     firsts = [g[0] for g in groups]
-    accs = {n: HessianAccumulator(in_out_features(linears[n])[0], inputs[0][0].device) for n in firsts}
+    dev = device or inputs[0][0].device
+    accs = {n: HessianAccumulator(in_out_features(linears[n])[0], dev) for n in firsts}
     seen: set[str] = set()
 
     def make_hook(name):
         def hook(_mod, args):
-            with _layer_named(prefix + name):
+            with timer("hessian"), _layer_named(prefix + name):
                 accs[name].add(args[0])
             seen.add(name)
             if len(seen) == len(firsts):
@@ -318,10 +407,12 @@ def _accumulate(block, linears, groups, inputs: Inputs, prefix: str = "") -> dic
         return hook
 
     with scoped_hooks(lambda: [linears[n].register_forward_pre_hook(make_hook(n)) for n in firsts]):
-        for hidden, kwargs in inputs:
+        for batch in inputs:
             seen.clear()
+            hidden, kwargs = _on(batch, device, dtype)
             try:
-                _run_block(block, hidden, kwargs)
+                with timer("forward"):
+                    _run_block(block, hidden, kwargs)
             except _StopForward:
                 pass
     return accs
