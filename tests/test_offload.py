@@ -1,0 +1,78 @@
+"""Models bigger than the accelerator: only one block's copy goes to the device; activations can
+stay in CPU memory; weights can be memory-mapped safetensors. CPU tests run the same code path
+with device="cpu"; the GPU test (skipped without CUDA) checks that the model never leaves the CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+from gptq_lab import QuantConfig, quantize_model
+from gptq_lab.pipeline import block_to
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CONFIG = QuantConfig(bits=4, group_size=32)
+
+
+def tiny(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return tf.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def calib() -> torch.Tensor:
+    return torch.randint(0, 96, (8, 32), generator=torch.Generator().manual_seed(1))
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[n].codes, b[n].codes) and torch.equal(a[n].scales, b[n].scales)
+                                        for n in a)
+
+
+@pytest.mark.parametrize("batch_size", [None, 3])
+def test_offloaded_activations_give_the_same_result(batch_size):
+    a, b = tiny(), tiny()
+    ra = quantize_model(a, calib(), CONFIG, device="cpu", batch_size=batch_size, progress=False)
+    rb = quantize_model(b, calib(), CONFIG, device="cpu", batch_size=batch_size, progress=False,
+                        offload_activations=True)
+    assert same(ra, rb)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_memory_mapped_safetensors_model_quantizes_like_the_in_memory_one(tmp_path):
+    tiny().save_pretrained(tmp_path, safe_serialization=True)
+    mapped = tf.AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu", torch_dtype=torch.float32).eval()
+    in_memory = tiny()
+    ra = quantize_model(mapped, calib(), CONFIG, device="cpu", batch_size=4, progress=False,
+                        offload_activations=True)
+    rb = quantize_model(in_memory, calib(), CONFIG, device="cpu", batch_size=4, progress=False)
+    assert same(ra, rb)
+    for n, r in ra.items():
+        torch.testing.assert_close(mapped.get_submodule(n).weight, r.dequantize(), rtol=0, atol=0)
+
+
+def test_block_copy_is_on_the_device_in_the_dtype_and_independent():
+    block = tiny().model.layers[0]
+    work = block_to(block, torch.device("cpu"), torch.bfloat16)
+    pairs = list(zip(block.parameters(), work.parameters()))
+    assert len(pairs) == len(list(block.parameters()))
+    for p, q in pairs:
+        assert q.dtype == torch.bfloat16 and q.data_ptr() != p.data_ptr()
+        torch.testing.assert_close(q.float(), p.to(torch.bfloat16).float(), rtol=0, atol=0)
+    with torch.no_grad():
+        next(work.parameters()).zero_()
+    assert next(block.parameters()).abs().sum() > 0
+
+
+@cuda
+def test_on_gpu_the_model_stays_on_the_cpu_and_matches_the_cpu_run():
+    model = tiny()
+    results = quantize_model(model, calib(), CONFIG, device="cuda", batch_size=4, progress=False,
+                             offload_activations=True, compute_dtype=torch.float32)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert all(r.codes.device.type == "cpu" for r in results.values())
+    reference = quantize_model(tiny(), calib(), CONFIG, device="cpu", batch_size=4, progress=False,
+                               compute_dtype=torch.float32)
+    agree = sum(int((results[n].codes == reference[n].codes).sum()) for n in results)
+    assert agree / sum(r.codes.numel() for r in results.values()) > 0.99
