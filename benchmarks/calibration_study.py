@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from protocol import gguf_loader  # noqa: E402  (benchmarks/protocol.py: the same loader)
+from protocol import gguf_loader
 
-from gptq_lab import QuantConfig, data  # noqa: E402
-from gptq_lab.study import (  # noqa: E402
+from gptq_lab import QuantConfig, data
+from gptq_lab.study import (
     Runner,
     calibration_sets,
     cross_domain,
@@ -38,8 +38,8 @@ from gptq_lab.study import (  # noqa: E402
     study_windows,
 )
 
-FULL = dict(n_samples=128, seqlen=512, eval_windows=64, sweep=(8, 16, 32, 64, 128, 256))
-QUICK = dict(n_samples=8, seqlen=128, eval_windows=4, sweep=(2, 4, 8))
+FULL = {"n_samples": 128, "seqlen": 512, "eval_windows": 64, "sweep": (8, 16, 32, 64, 128, 256)}
+QUICK = {"n_samples": 8, "seqlen": 128, "eval_windows": 4, "sweep": (2, 4, 8)}
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -97,11 +97,11 @@ def main() -> None:
     config = QuantConfig(bits=args.bits, group_size=128, sym=True)
     evals = eval_sets(windows, sizes["eval_windows"])
     calib = calibration_sets(windows, sizes["n_samples"])
-    log = lambda r: print(f"done {r.label}: {r.perplexity} loss {r.gptq_loss}", file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda r: print(f"done {r.label}: {r.perplexity} loss {r.gptq_loss}", file=sys.stderr, flush=True)
     runner = Runner(load, evals, args.device, on_row=log)
     lines = [device_line(args.device),
-             f"{'quick' if args.quick else 'full'}: {sizes['n_samples']} x {sizes['seqlen']}-token calibration "
-             f"windows per source, {sizes['eval_windows']} evaluation windows per set"]
+             (f"{'quick' if args.quick else 'full'}: {sizes['n_samples']} x {sizes['seqlen']}-token calibration "
+             f"windows per source, {sizes['eval_windows']} evaluation windows per set")]
     matrix = cross_domain(load, calib, evals, config, args.device, runner=runner)
     lines += ["", matrix.table()]
     if not args.skip_sweep:

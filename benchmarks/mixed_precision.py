@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from calibration_study import FULL, QUICK, add_common_args, device_line, emit, windows_and_loader  # noqa: E402
+from calibration_study import FULL, QUICK, add_common_args, device_line, emit, windows_and_loader
 
-from gptq_lab import QuantConfig  # noqa: E402
-from gptq_lab.hessians import collect_hessians  # noqa: E402
-from gptq_lab.planner import plan, random_plan, uniform_plan  # noqa: E402
-from gptq_lab.sensitivity import layer_sensitivity, output_sensitivity  # noqa: E402
-from gptq_lab.study import Runner, calibration_sets, eval_sets  # noqa: E402
+from gptq_lab import QuantConfig
+from gptq_lab.hessians import collect_hessians
+from gptq_lab.planner import plan, random_plan, uniform_plan
+from gptq_lab.sensitivity import layer_sensitivity, output_sensitivity
+from gptq_lab.study import Runner, calibration_sets, eval_sets
 
 BASE = QuantConfig(bits=4, group_size=128, sym=True)
 
@@ -54,10 +54,10 @@ def main() -> None:
     t_sens = time.perf_counter()
     sens = layer_sensitivity(model, hessians, config=BASE)
     lines = [device_line(args.device),
-             f"{'quick' if args.quick else 'full'}: calibration {calib.shape[0]} x {calib.shape[1]} tokens "
-             f"(Austen), {sizes['eval_windows']} evaluation windows per set; GPTQ g128 sym",
-             f"sensitivity: GPTQ loss of {len(sens.names)} layers x bits {sens.bits} in "
-             f"{time.perf_counter() - t_sens:.0f} s"]
+             (f"{'quick' if args.quick else 'full'}: calibration {calib.shape[0]} x {calib.shape[1]} tokens "
+             f"(Austen), {sizes['eval_windows']} evaluation windows per set; GPTQ g128 sym"),
+             (f"sensitivity: GPTQ loss of {len(sens.names)} layers x bits {sens.bits} in "
+             f"{time.perf_counter() - t_sens:.0f} s")]
     plans = [plan(sens, target_bits=args.target, label=f"planner {args.target:g} (GPTQ loss)")]
     if args.kl:
         kl_ids = windows["kl"][:2] if args.quick else windows["kl"]
@@ -83,7 +83,7 @@ def main() -> None:
 def format_rows(rows, fp, names) -> str:
     head = (f"{'allocation':<30}{'storage b/w':>12}{'code b/w':>10}{'pred. loss':>12}"
             + "".join(f"{n:>21}" for n in names))
-    out = [f"perplexity (lower is better); b/w = bits per weight over the quantized linears", head, "-" * len(head)]
+    out = ["perplexity (lower is better); b/w = bits per weight over the quantized linears", head, "-" * len(head)]
     out.append(f"{'FP':<30}{'':>12}{'':>10}{'':>12}" + "".join(f"{fp.perplexity[n]:>21.3f}" for n in names))
     for pl, r in rows:
         out.append(f"{pl.label:<30}{pl.average_bits:>12.3f}{pl.average_code_bits:>10.3f}"

@@ -19,6 +19,7 @@ Park; its evaluation is Pride and Prejudice, a different book.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import random
 import tempfile
@@ -224,8 +225,8 @@ class CrossDomain:
     def table(self) -> str:
         c = self.config
         head = f"{'calibration':<16}{'samples':>8}" + "".join(f"{e:>22}" for e in self.evals) + f"{'GPTQ loss':>14}"
-        lines = [f"cross-domain: GPTQ {c.bits}-bit g{c.group_size} {'sym' if c.sym else 'asym'}"
-                 f"{' act-order' if c.act_order else ''}; perplexity (lower is better)", head, "-" * len(head)]
+        lines = [(f"cross-domain: GPTQ {c.bits}-bit g{c.group_size} {'sym' if c.sym else 'asym'}"
+                 f"{' act-order' if c.act_order else ''}; perplexity (lower is better)"), head, "-" * len(head)]
         if "FP" in self.perplexity:
             lines.append(f"{'FP (no quant.)':<16}{'':>8}" + "".join(f"{self.perplexity['FP'][e]:>22.3f}"
                                                                    for e in self.evals))
@@ -264,9 +265,9 @@ def enough_samples(n_samples: list[int], values: list[float], threshold: float =
     ``n_samples`` must be increasing, each twice the one before."""
     if len(n_samples) != len(values) or len(n_samples) < 2:
         raise CalibrationError(f"need at least two points with one value each, got {n_samples} and {values}")
-    if any(b != 2 * a for a, b in zip(n_samples, n_samples[1:])):
+    if any(b != 2 * a for a, b in itertools.pairwise(n_samples)):
         raise CalibrationError(f"n_samples={list(n_samples)} must double at each step (e.g. 8, 16, 32)")
-    gains = [(a - b) / a for a, b in zip(values, values[1:])]             # relative improvement per doubling
+    gains = [(a - b) / a for a, b in itertools.pairwise(values)]             # relative improvement per doubling
     if gains[-1] >= threshold:
         return None
     i = len(gains)
@@ -293,8 +294,8 @@ class SampleSweep:
     def table(self) -> str:
         names = list(self.perplexity)
         head = f"{'samples':>8}{'GPTQ loss':>14}" + "".join(f"{n:>22}" for n in names)
-        lines = [f"sample-count sweep: GPTQ {self.config.bits}-bit g{self.config.group_size}; "
-                 f"perplexity (change vs. half as many samples)", head, "-" * len(head)]
+        lines = [(f"sample-count sweep: GPTQ {self.config.bits}-bit g{self.config.group_size}; "
+                 f"perplexity (change vs. half as many samples)"), head, "-" * len(head)]
         for i, n in enumerate(self.n_samples):
             cells = ""
             for name in names:

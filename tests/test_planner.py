@@ -56,7 +56,7 @@ def test_sensitivity_loss_falls_with_bits(setup):
     assert len(sens.names) == 14 and sens.bits == (2, 3, 4, 8)
     for name in sens.names:
         losses = [sens.loss[name][b] for b in sens.bits]
-        assert all(a > b > 0 for a, b in zip(losses, losses[1:])), name
+        assert all(a > b > 0 for a, b in itertools.pairwise(losses)), name
     assert [len(g) for g in sens.groups] == [3, 1, 2, 1] * 2
     m = sens.matrix(3)
     assert len(m) == 2 and m[1][6] == sens.loss["model.layers.1.mlp.down_proj"][3]
@@ -104,7 +104,7 @@ def test_plan_config_resolves_to_the_plan(setup):
 
 
 def test_mixed_checkpoint_round_trip(setup, tmp_path):
-    model, ids, sens = setup
+    _model, ids, sens = setup
     p = make_plan(sens, {n: (8 if "down" in n else 2 if "v_proj" in n else 3 if "q_proj" in n else 4)
                          for n in sens.names}, "hand")
     fake = tiny_llama()
