@@ -74,20 +74,23 @@ def device_line(device: str) -> str:
     return f"torch {torch.__version__}, {dev}"
 
 
-def emit(text: str, name: str) -> None:
-    """Print ``text`` and write it to $OUT/<name>.txt when OUT is set."""
-    print(text, flush=True)
+def emit(lines: list[str], new: int, name: str) -> None:
+    """Print the last ``new`` of ``lines``; write all of them to $OUT/<name>.txt when OUT is set
+    (rewritten after each section, so a run cut short keeps what it finished)."""
+    if new:
+        print("\n".join(lines[len(lines) - new:]), flush=True)
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / f"{name}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
+        path.write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--bits", type=int, default=4, help="GPTQ bits (g128 sym), default 4")
-    p.add_argument("--skip-sweep", action="store_true")
+    p.add_argument("--part", choices=("all", "matrix", "sweep"), default="all",
+                   help="the cross-domain matrix, the sample-count sweep, or both (default)")
     args = p.parse_args()
     sizes = QUICK if args.quick else FULL
     windows, load = windows_and_loader(args, sizes)
@@ -97,19 +100,22 @@ def main() -> None:
     config = QuantConfig(bits=args.bits, group_size=128, sym=True)
     evals = eval_sets(windows, sizes["eval_windows"])
     calib = calibration_sets(windows, sizes["n_samples"])
-    log = lambda r: print(f"done {r.label}: {r.perplexity} loss {r.gptq_loss}", file=sys.stderr, flush=True)
+    log = lambda r: print(f"done {r.label} at {time.perf_counter() - t0:.0f} s: {r.perplexity} loss {r.gptq_loss}",
+                          file=sys.stderr, flush=True)
     runner = Runner(load, evals, args.device, on_row=log)
     lines = [device_line(args.device),
              (f"{'quick' if args.quick else 'full'}: {sizes['n_samples']} x {sizes['seqlen']}-token calibration "
              f"windows per source, {sizes['eval_windows']} evaluation windows per set")]
-    matrix = cross_domain(load, calib, evals, config, args.device, runner=runner)
-    lines += ["", matrix.table()]
-    if not args.skip_sweep:
+    if args.part in ("all", "matrix"):
+        matrix = cross_domain(load, calib, evals, config, args.device, runner=runner)
+        lines += ["", matrix.table(), f"({time.perf_counter() - t0:.0f} s so far)"]
+        emit(lines, len(lines), "calibration_study")
+    if args.part in ("all", "sweep"):
         sweep = sample_sweep(load, windows["calib.austen"], sizes["sweep"], evals, config, args.device,
                              runner=runner)
-        lines += ["", sweep.table()]
-    lines.append(f"total {time.perf_counter() - t0:.0f} s")
-    emit("\n".join(lines), "calibration_study")
+        new = ["", sweep.table(), f"total {time.perf_counter() - t0:.0f} s"]
+        lines += new
+        emit(lines, len(new) if args.part == "all" else len(lines), "calibration_study")
 
 
 if __name__ == "__main__":

@@ -72,12 +72,14 @@ def main() -> None:
     plans += [random_plan(sens, args.target, seed=s) for s in range(seeds)]
     runner = Runner(load, evals, args.device,
                     on_row=lambda r: print(f"done {r.label}: {r.perplexity}", file=sys.stderr, flush=True))
-    rows = [(pl, runner.run(pl.label, calib, pl.config())) for pl in plans]
-    fp = runner.run("FP", None, None)
-    lines += ["", format_rows(rows, fp, list(evals))]
-    lines += ["", *(f"  {pl.summary()}" for pl, _ in rows)]
-    lines.append(f"total {time.perf_counter() - t0:.0f} s")
-    emit("\n".join(lines), "mixed_precision")
+    lines += ["", *(f"  {pl.summary()}" for pl in plans)]
+    fp, rows = runner.run("FP", None, None), []
+    for pl in plans:                                  # the file is rewritten after each row
+        rows.append((pl, runner.run(pl.label, calib, pl.config())))
+        done = [*lines, "", format_rows(rows, fp, list(evals)), f"({time.perf_counter() - t0:.0f} s so far)"]
+        emit(done, 0, "mixed_precision")
+    emit([*lines, "", format_rows(rows, fp, list(evals)), f"total {time.perf_counter() - t0:.0f} s"],
+         len(lines) + 3, "mixed_precision")
 
 
 def format_rows(rows, fp, names) -> str:

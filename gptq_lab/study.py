@@ -62,6 +62,10 @@ def heldout_windows(tokenizer, corpora: tuple[str, ...], n_samples: int, seqlen:
     """
     corpora = tuple(corpora)
     evaluated = [c for c in corpora if c in eval_sets]
+    if "austen" in corpora and set(data._AUSTEN) & set(eval_sets):
+        raise CalibrationError(f"'austen' joins all six novels, including the evaluation set(s) "
+                               f"{sorted(set(data._AUSTEN) & set(eval_sets))}; name the novels to "
+                               f"calibrate on instead, e.g. ('emma', 'mansfield_park')")
     if not evaluated:
         return data.calibration_windows(tokenizer, corpora, n_samples, seqlen, seed)
     if len(corpora) > 1:

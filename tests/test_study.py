@@ -154,3 +154,8 @@ def test_study_figures(runs):
     assert fig.data[0].type == "heatmap" and fig.data[0].text[0][0] == f"{matrix.matrix()[0][0]:.2f}"
     fig = sample_curve_figure(sweep)
     assert [t.name for t in fig.data] == ["a", "b", "enough samples", "GPTQ loss"]
+
+
+def test_austen_alias_cannot_calibrate_against_its_own_novel():
+    with pytest.raises(CalibrationError, match="six novels"):
+        heldout_windows(TinyTokenizer(), ("austen",), 4, 16, eval_sets=("pride_and_prejudice",))
