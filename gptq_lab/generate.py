@@ -144,7 +144,8 @@ class StaticGreedy:
 @dataclass(frozen=True)
 class DecodeSettings:
     """What ``measure_decode`` times. Decode rates exclude the prompt: (new_tokens - 1) * batch
-    tokens over t(new_tokens) - t(1), each the median of ``repeats`` runs after ``warmup``."""
+    tokens over t(new_tokens) - t(1), each the median of ``repeats`` runs after ``warmup``;
+    prefill is long_prompt / t(1) at batch 1."""
     prompt: int = 32
     long_prompt: int = 2048
     new_tokens: int = 128
@@ -153,6 +154,7 @@ class DecodeSettings:
     warmup: int = 1
     vocab: int | None = None          # token ids drawn below this (default: the model's vocab)
     seed: int = 0
+    compile: bool = True              # the fast path's step under torch.compile (False: same loop, eager)
 
 
 def figure_names(settings: DecodeSettings) -> list[str]:
@@ -179,7 +181,7 @@ def measure_decode(model: nn.Module, path: str, settings: DecodeSettings | None 
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    fast = StaticGreedy(model) if path == "fast" else None
+    fast = StaticGreedy(model, compile=s.compile) if path == "fast" else None
 
     def run(ids: torch.Tensor, n: int) -> None:
         if fast is not None:
@@ -196,7 +198,8 @@ def measure_decode(model: nn.Module, path: str, settings: DecodeSettings | None 
         ids = prompt(batch, length)
         full = _median_time(lambda: run(ids, s.new_tokens), device, s.warmup, s.repeats)
         first = _median_time(lambda: run(ids, 1), device, s.warmup, s.repeats)
-        out[name] = batch * (s.new_tokens - 1) / max(full - first, 1e-9)
+        decode = full - first                    # NaN when timing noise swamps the decode time
+        out[name] = batch * (s.new_tokens - 1) / decode if decode > 0 else float("nan")
         if length == s.long_prompt and batch == 1:
             out[f"prefill p{s.long_prompt}"] = length / first
     out["weights GB"] = weight_bytes(model) / 1e9

@@ -1,0 +1,199 @@
+"""End to end decode speed and memory: fp16 against GPTQ int4 g128 on the same generation path.
+
+    python benchmarks/decode.py                                  # 7B shape, eager and fast paths
+    python benchmarks/decode.py --shapes 7b,8b --paths fast
+    python benchmarks/decode.py --tiny --device cpu              # smoke run, seconds
+
+For each shape (Llama-2-7B: hidden 4096, MLP 11008, 32 layers, 32 heads, vocab 32000; GQA
+Llama-3-8B: MLP 14336, 8 KV heads, vocab 128256) a model with random weights is built on the
+device in fp16 and timed; then quantize_model(method="rtn") at 4 bits, group size 128,
+symmetric, makes the GPTQ checkpoint (``save``), the float model is freed, and
+``gptq_lab.load`` + ``generate.prepare_model(release_checkpoint=True)`` bring it back to be
+timed the same way. Paths (``gptq_lab.generate``): "eager" is transformers' generate with its
+default dynamic cache; "fast" is ``StaticGreedy`` (static KV cache, decode step under
+torch.compile(fullgraph=True, mode="reduce-overhead"), i.e. CUDA graphs). Figures: greedy
+decode tokens/s at batch 1 after a short and a long prompt and at larger batches (decode only:
+t(128 new) - t(1 new)), prefill tokens/s of the long prompt (prompt / time to first token),
+the weights' bytes and the peak allocation. The table goes to stdout and to $OUT/decode.txt
+when OUT is set; progress and phase times go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from gptq_lab import QuantConfig, load, quantize_model, save
+from gptq_lab.generate import PATHS, DecodeSettings, figure_names, measure_decode, prepare_model
+from gptq_lab.kernels import ops as kernel_ops
+
+SHAPES = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+               rope_theta=500000.0),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, max_position_embeddings=256),
+}
+QUANT = QuantConfig(bits=4, group_size=128, sym=True)
+TINY = DecodeSettings(prompt=4, long_prompt=16, new_tokens=4, batches=(2,), repeats=1, warmup=0)
+
+
+def log(msg: str, t0: float = time.perf_counter()) -> None:
+    print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def build_float(shape: str, device: torch.device) -> torch.nn.Module:
+    """A Llama of ``shape`` with random fp16 weights, made on ``device`` (no CPU copy): norms 1,
+    every other weight N(0, 0.02), as the model's own init would draw them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(**SHAPES[shape], tie_word_embeddings=False, attn_implementation="sdpa")
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float16)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02, generator=gen)
+        with torch.device(device):                         # buffers are not parameters: rebuild
+            model.model.rotary_emb = type(model.model.rotary_emb)(config)
+    return model.eval()
+
+
+def make_checkpoint(model: torch.nn.Module, directory: Path) -> None:
+    """RTN 4-bit g128 of ``model`` (modified in place: fake-quantized) written as a GPTQ checkpoint."""
+    results = quantize_model(model, config=QUANT, method="rtn", progress=False)
+    save(model, directory, results)
+
+
+def free(*_refs) -> None:
+    """Drop compiled graphs, CUDA-graph pools, dequant buffers and cached blocks."""
+    torch._dynamo.reset()
+    kernel_ops.clear_workspaces()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measure(model, shape: str, dtype: str, paths: list[str], settings: DecodeSettings) -> list[dict]:
+    rows = []
+    for path in paths:
+        t0 = time.perf_counter()
+        try:
+            figures = measure_decode(model, path, settings, progress=lambda m: log(f"{shape} {dtype} {m}"))
+        except Exception as e:                          # keep the other rows; say what failed
+            traceback.print_exc()
+            figures = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+        log(f"{shape} {dtype} {path}: {time.perf_counter() - t0:.0f}s")
+        rows.append({"shape": shape, "path": path, "dtype": dtype, **figures})
+        torch._dynamo.reset()
+    return rows
+
+
+def run_shape(shape: str, paths: list[str], device: torch.device, settings: DecodeSettings,
+              workdir: Path) -> list[dict]:
+    log(f"{shape}: building the fp16 model")
+    model = build_float(shape, device)
+    rows = measure(model, shape, "fp16", paths, settings)
+    log(f"{shape}: RTN 4-bit g128 and save")
+    ckpt = workdir / f"{shape}-gptq-4bit-g128"
+    try:
+        make_checkpoint(model, ckpt)
+        del model
+        free()
+        log(f"{shape}: load the checkpoint")
+        model = prepare_model(load(ckpt, device=device, dtype=torch.float16), release_checkpoint=True)
+    finally:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    rows += measure(model, shape, "int4", paths, settings)
+    del model
+    free()
+    return rows
+
+
+def table(rows: list[dict], settings: DecodeSettings, header: str) -> str:
+    names = figure_names(settings)
+    lines = [header, "", "| shape | path | dtype | " + " | ".join(names) + " |",
+             "|---" * (3 + len(names)) + "|"]
+
+    def cell(v) -> str:
+        return "-" if v is None or v != v else f"{v:.3g}" if abs(v) < 10 else f"{v:.0f}"
+
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['path']} | {r['dtype']} | failed: {r['error']} |")
+            continue
+        lines.append(f"| {r['shape']} | {r['path']} | {r['dtype']} | "
+                     + " | ".join(cell(r[n]) for n in names) + " |")
+        base = next((b for b in rows if b["dtype"] == "fp16" and b["shape"] == r["shape"]
+                     and b["path"] == r["path"] and "error" not in b), None)
+        if r["dtype"] == "int4" and base is not None:
+            ratios = [f"{r[n] / base[n]:.2f}x" if base[n] and base[n] == base[n] and r[n] == r[n] else "-"
+                      for n in names]
+            lines.append(f"| {r['shape']} | {r['path']} | int4/fp16 | " + " | ".join(ratios) + " |")
+    lines += ["", "tokens/s: decode bB pT = B sequences after a T-token prompt, new tokens only "
+              f"({settings.new_tokens} per sequence); prefill = prompt tokens / time to first token. "
+              "GB: weights (parameters + buffers), peak allocation during the path's runs. "
+              "int4/fp16 rows: ratios (speedups for tokens/s, fractions for GB)."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="7b", help="comma list of " + ", ".join(SHAPES))
+    ap.add_argument("--paths", default="eager,fast", help="comma list of " + ", ".join(PATHS))
+    ap.add_argument("--tiny", action="store_true", help="a tiny Llama and short runs (CPU smoke test)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batches", default=None, help="batch sizes besides 1 (default 8,32)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per figure (median)")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="fast path without torch.compile (default with --tiny on CPU)")
+    args = ap.parse_args(argv)
+    shapes = ["tiny"] if args.tiny else args.shapes.split(",")
+    paths = args.paths.split(",")
+    for name, allowed in ((shapes, SHAPES), (paths, PATHS)):
+        bad = [v for v in name if v not in allowed]
+        if bad:
+            ap.error(f"unknown {bad}; choose from {list(allowed)}")
+    settings = TINY if args.tiny else DecodeSettings()
+    if args.no_compile or (args.tiny and args.device == "cpu"):      # inductor on CPU: minutes
+        settings = DecodeSettings(**{**settings.__dict__, "compile": False})
+    if args.batches or args.repeats:
+        settings = DecodeSettings(**{**settings.__dict__,
+                                     **({"batches": tuple(int(b) for b in args.batches.split(","))}
+                                        if args.batches else {}),
+                                     **({"repeats": args.repeats} if args.repeats else {})})
+    device = torch.device(args.device)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gptq_lab_decode_") as tmp:
+        for shape in shapes:
+            rows += run_shape(shape, paths, device, settings, Path(tmp))
+    import transformers
+    header = (f"Decode benchmark on {card}: torch {torch.__version__}, transformers "
+              f"{transformers.__version__}; int4 = GPTQ checkpoint (RTN, 4-bit g128 sym) via gptq_lab.load; "
+              f"fast path {'compiled (CUDA graphs on GPU)' if settings.compile else 'NOT compiled'}")
+    text = table(rows, settings, header)
+    print(text)
+    if os.environ.get("OUT"):
+        from gptq_lab.atomic import atomic_write_text
+        atomic_write_text(Path(os.environ["OUT"]) / "decode.txt", text + "\n")
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The inference path: QuantLinear.prepare (kernel chosen once, large-M dequant buffer), greedy
+generation eager vs static cache, measure_decode, and the decode benchmark's CPU smoke run.
+GPU tests (marked ``gpu``) check the Triton paths and torch.compile + CUDA graphs."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoint_fixture import tiny_model, token_ids
+from test_qlinear import reference_output, rtn_layer
+
+from gptq_lab import QuantConfig, UnsupportedModelError, convert, quantize_model, save
+from gptq_lab.generate import (DecodeSettings, StaticGreedy, eager_greedy, figure_names, measure_decode,
+                               prepare_model)
+from gptq_lab.kernels import ops
+from gptq_lab.qlinear import QuantLinear, quant_linears, unpack_dequantize
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def quantized_llama(bits: int = 4, group_size: int = 32, device: str = "cpu") -> torch.nn.Module:
+    model = tiny_model("llama")
+    results = quantize_model(model, config=QuantConfig(bits=bits, group_size=group_size), method="rtn",
+                             progress=False)
+    return convert(model, results).to(device)
+
+
+@pytest.mark.parametrize("bits,group_size,act_order", [(4, 32, True), (2, 64, False), (8, -1, False),
+                                                       (3, 32, True)])
+def test_prepared_layer_matches_the_reference_on_both_sides_of_the_threshold(bits, group_size, act_order):
+    result, layer = rtn_layer(128, 64, bits, group_size, act_order=act_order, bias=True)
+    x = torch.randn(QuantLinear.dequant_above + 20, 128, generator=torch.Generator().manual_seed(2))
+    layer.prepare()
+    assert layer.backend == "reference"
+    for m in (1, 7, QuantLinear.dequant_above, QuantLinear.dequant_above + 20):       # small and big M
+        y = layer(x[:m])
+        expected = reference_output(result, layer, x[:m])
+        assert (y.double() - expected).abs().max() / expected.abs().max() < 1e-5, f"m={m}"
+
+
+def test_large_m_reuses_one_buffer_across_calls_and_layers():
+    ops.clear_workspaces()
+    _, a = rtn_layer(128, 64, 4, 32)
+    _, b = rtn_layer(64, 128, 4, 32, seed=1)
+    a.prepare(), b.prepare()
+    x = torch.randn(200, 128)
+    expected_a = x @ a.dequantize()
+    y = b(a(x))
+    buffers = list(ops._WORKSPACES.values())
+    assert len(buffers) == 1 and buffers[0].numel() == 128 * 64             # one, the largest request
+    ptr = buffers[0].data_ptr()
+    torch.testing.assert_close(a(x), expected_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b(a(x)), y, rtol=0, atol=0)
+    assert [t.data_ptr() for t in ops._WORKSPACES.values()] == [ptr]       # reused, not re-allocated
+    ops.clear_workspaces()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_traceable_dequantize_equals_the_checked_one(bits):
+    _, layer = rtn_layer(96, 64, bits, 32, sym=False, act_order=True)
+    torch.testing.assert_close(unpack_dequantize(layer.qweight, layer.scales, layer.qzeros, layer.g_idx, bits),
+                               layer.dequantize(), rtol=0, atol=0)
+
+
+def test_prepare_checks_buffers_once():
+    _, layer = rtn_layer(64, 64, 4, 32)
+    layer.g_idx[3] = 7                                                       # only 2 groups
+    with pytest.raises(ValueError, match=r"g_idx values must lie in \[0, 2\)"):
+        layer.prepare()
+
+
+def test_static_cache_greedy_equals_transformers_generate():
+    model = prepare_model(quantized_llama())
+    ids = token_ids(2, 8)
+    eager = eager_greedy(model, ids, 12)
+    fast = StaticGreedy(model, compile=False)
+    assert torch.equal(fast(ids, 12), eager)
+    assert torch.equal(fast(ids, 12), eager)                                 # the reused cache is reset
+    assert torch.equal(fast(ids, 5, cache_length=20), eager[:, :13])       # a longer cache, same tokens
+
+
+def test_measure_decode_reports_every_figure():
+    model = prepare_model(quantized_llama())
+    s = DecodeSettings(prompt=4, long_prompt=8, new_tokens=3, batches=(2,), repeats=1, warmup=0,
+                       compile=False)
+    for path in ("eager", "fast"):
+        out = measure_decode(model, path, s)
+        assert list(out) == figure_names(s)
+        assert all(out[k] > 0 for k in out if "GB" not in k and not math.isnan(out[k]))
+        assert out["weights GB"] > 0 and math.isnan(out["peak GB"])
+    with pytest.raises(ValueError, match="path='slow'"):
+        measure_decode(model, "slow", s)
+
+
+def test_released_layer_refuses_to_save(tmp_path):
+    model = quantized_llama()
+    layer = next(iter(quant_linears(model).values()))
+    layer._released = True                                  # what prepare(release_checkpoint=True) sets on CUDA
+    with pytest.raises(UnsupportedModelError, match="reload the checkpoint"):
+        save(model, tmp_path / "ckpt")
+    with pytest.raises(UnsupportedModelError, match="dequantize"):
+        layer.dequantize()
+
+
+def test_benchmark_smoke_run_on_cpu(monkeypatch, tmp_path):
+    path = Path(__file__).parent.parent / "benchmarks" / "decode.py"
+    spec = importlib.util.spec_from_file_location("decode_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    text = bench.main(["--tiny", "--device", "cpu"])
+    rows = [line for line in text.splitlines() if line.startswith("| tiny")]
+    assert [r.split(" | ")[1:3] for r in rows] == [["eager", "fp16"], ["fast", "fp16"], ["eager", "int4"],
+                                                   ["eager", "int4/fp16"], ["fast", "int4"],
+                                                   ["fast", "int4/fp16"]]
+    assert "failed" not in text
+    assert (tmp_path / "decode.txt").read_text() == text + "\n"
+
+
+# ---------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gpu_prepared_triton_paths_match_the_reference(act_order):
+    result, layer = rtn_layer(512, 256, 4, 128, act_order=act_order, bias=True)
+    x = torch.randn(300, 512).half()
+    expected = reference_output(result, layer, x.float())                           # on the CPU
+    layer = layer.cuda().prepare(release_checkpoint=True)
+    assert layer.backend == "triton" and layer.qweight.numel() == 0
+    for m in (1, 16, 300):                                  # gemv, tensor-core gemm, dequant + cuBLAS
+        err = (layer(x[:m].cuda()).double().cpu() - expected[:m]).norm() / expected[:m].norm()
+        assert err < 3e-3, f"m={m}: relative error {err:.2e}"
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_compiled_cuda_graph_decode_equals_eager():
+    model = prepare_model(quantized_llama(group_size=64, device="cuda").half(), release_checkpoint=True)
+    ids = token_ids(2, 8).cuda()
+    eager = eager_greedy(model, ids, 10)
+    fast = StaticGreedy(model)                            # fullgraph, reduce-overhead
+    for _ in range(2):                                    # warm-up and record, then replay
+        out = fast(ids, 10)
+    assert torch.equal(out, eager)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
