@@ -121,6 +121,19 @@ def test_benchmark_smoke_run_on_cpu(monkeypatch, tmp_path):
     assert (tmp_path / "decode.txt").read_text() == text + "\n"
 
 
+def test_evaluator_reports_the_same_figures():
+    pytest.importorskip("plotly")
+    from gptq_lab.lab import Evaluator
+    ev = Evaluator({"fp": tiny_model("llama"), "int4": quantized_llama()})
+    s = DecodeSettings(prompt=4, long_prompt=8, new_tokens=3, batches=(2,), repeats=1, warmup=0,
+                       compile=False)
+    df = ev.decode_speed(settings=s)
+    assert list(df.index) == [("fp", "eager"), ("fp", "fast"), ("int4", "eager"), ("int4", "fast")]
+    assert list(df.columns) == figure_names(s)
+    assert df.loc[("int4", "fast"), "weights GB"] < df.loc[("fp", "fast"), "weights GB"]
+    assert all(q.backend == "reference" for q in quant_linears(ev.models["int4"]).values())
+
+
 # ---------------------------------------------------------------------- GPU
 
 @pytest.mark.gpu

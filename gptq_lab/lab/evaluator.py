@@ -6,6 +6,7 @@
     ev.layer_errors()     # per-linear output error against the reference (scoped hooks)
     ev.generate("Once upon a time")      # side-by-side greedy generations
     ev.speed()            # forward tokens/s (and generation tokens/s)
+    ev.decode_speed()     # decode/prefill tokens/s and GPU memory, eager and compiled paths
 
 Eval sets follow the standard protocol (``data.eval_windows``: drop the first 5% of tokens,
 then consecutive windows); ``n_windows`` below the protocol's 64 is said in the figure title.
@@ -210,6 +211,22 @@ class Evaluator:
             self.speeds[name] = {"forward_tokens_per_s": forward_speed(model, ids, self.batch_size),
                                  "device": str(next(model.parameters()).device)}
         return pd.DataFrame.from_dict(self.speeds, orient="index")
+
+    def decode_speed(self, models: list[str] | None = None, paths=("eager", "fast"),
+                     settings=None, progress=None) -> pd.DataFrame:
+        """Decode and prefill tokens/s, weights and peak GB per model and generation path, by
+        ``gptq_lab.generate.measure_decode`` (what benchmarks/decode.py runs). Quantized layers
+        are ``prepare``d first. Meaningful on a GPU; on a CPU pass small
+        ``DecodeSettings(..., compile=False)`` (the defaults time 2048-token prompts)."""
+        from ..generate import measure_decode, prepare_model
+        rows = []
+        for name in models or list(self.models):
+            model = prepare_model(self.models[name])
+            for path in paths:
+                rows.append({"model": name, "path": path,
+                             **measure_decode(model, path, settings, progress=progress)})
+        self.decode_speeds = pd.DataFrame(rows).set_index(["model", "path"])
+        return self.decode_speeds
 
     # ------------------------------------------------------------------ display
     @property
