@@ -139,3 +139,12 @@ def test_plan_figure(setup):
     fig = plan_figure(sens, p, bits=3)
     assert fig.data[0].type == "heatmap" and len(fig.data[0].text) == 2
     assert fig.data[0].text[0][6] == str(p.bits["model.layers.0.mlp.down_proj"])
+
+
+def test_calibrator_sensitivity():
+    pytest.importorskip("plotly")
+    from test_lab_common import calibrator
+    model, calib = tiny_llama(), calibrator()
+    sens = calib.sensitivity(model, bits=(3, 8), config=CONFIG, progress=False)
+    assert calib.hessians is not None and sens.bits == (3, 8) and len(sens.names) == 14
+    assert all(sens.loss[n][3] > sens.loss[n][8] > 0 for n in sens.names)
