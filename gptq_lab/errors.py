@@ -27,3 +27,11 @@ class UnsupportedModelError(GPTQLabError, ValueError):
 
 class CheckpointError(GPTQLabError, ValueError):
     """A checkpoint that is missing, corrupt, inconsistent or unsafe."""
+
+
+class ExtraMissingError(GPTQLabError, ImportError):
+    """An optional extra is not installed; the message names the pip command."""
+
+
+class TaskDataError(GPTQLabError, FileNotFoundError):
+    """An evaluation task whose data cannot be read (hub offline, missing local file)."""

@@ -7,15 +7,16 @@
     ev.generate("Once upon a time")      # side-by-side greedy generations
     ev.speed()            # forward tokens/s (and generation tokens/s)
     ev.decode_speed()     # decode/prefill tokens/s and GPU memory, eager and compiled paths
+    table, fig = ev.tasks(["arc_easy"], limit=100)     # lm-evaluation-harness (``lmeval`` extra)
 
 Eval sets follow the standard protocol (``data.eval_windows``: drop the first 5% of tokens,
 then consecutive windows); ``n_windows`` below the protocol's 64 is said in the figure title.
-Task accuracy through lm-evaluation-harness is not integrated.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import ipywidgets as W
 import pandas as pd
@@ -31,6 +32,12 @@ from . import views
 from .widgets import Progress, figure_widget, ipython_display, refresh
 
 PROTOCOL_SETS = ("pride_and_prejudice", "moby_dick", "python_docs")
+
+
+class TaskScores(NamedTuple):
+    """``Evaluator.tasks``'s answer: the long table and its bar chart."""
+    table: pd.DataFrame
+    figure: go.Figure
 
 
 def as_model(model) -> nn.Module:
@@ -77,6 +84,7 @@ class Evaluator:
         self.speeds: dict[str, dict] = {}
         self.generations: dict[str, str] = {}
         self._layer_errors: pd.DataFrame | None = None
+        self.task_results = pd.DataFrame()
         self._widget = None
 
     def add(self, name: str, model) -> Evaluator:
@@ -211,6 +219,27 @@ class Evaluator:
             self.speeds[name] = {"forward_tokens_per_s": forward_speed(model, ids, self.batch_size),
                                  "device": str(next(model.parameters()).device)}
         return pd.DataFrame.from_dict(self.speeds, orient="index")
+
+    # ------------------------------------------------------------------ lm-evaluation-harness
+    def tasks(self, tasks: list, models: list[str] | None = None, include_path=None,
+              limit: float | None = None, num_fewshot: int | None = None) -> TaskScores:
+        """lm-evaluation-harness scores of each model (needs the ``lmeval`` extra and a Hugging
+        Face tokenizer). tasks: lm_eval task names, config dicts or task YAML paths;
+        include_path: a folder of local task YAMLs; limit: docs per task. Returns
+        ``(table, figure)``: one row per model, task and metric (value, stderr, n_docs)."""
+        from .tasks import COLUMNS, score
+        frames = []
+        for name in models or list(self.models):
+            t = score(self.models[name], self.tokenizer, tasks, include_path=include_path, limit=limit,
+                      num_fewshot=num_fewshot, batch_size=self.batch_size)
+            frames.append(t.assign(model=name))
+        self.task_results = pd.concat(frames, ignore_index=True)[["model", *COLUMNS]]
+        return TaskScores(self.task_results, self.task_figure())
+
+    def task_figure(self) -> go.Figure:
+        if self.task_results.empty:
+            raise RuntimeError("tasks() first")
+        return views.task_figure(self.task_results)
 
     def decode_speed(self, models: list[str] | None = None, paths=("eager", "fast"),
                      settings=None, progress=None) -> pd.DataFrame:

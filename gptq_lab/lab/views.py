@@ -226,6 +226,21 @@ def evaluation_figure(table) -> go.Figure:
     return fig
 
 
+def task_figure(table) -> go.Figure:
+    """Grouped bars of lm_eval scores from a long table with columns model, task, metric,
+    value, stderr, n_docs: one bar per (task, metric) and model, stderr as error bars."""
+    fig = _fig("Task accuracy (lm-evaluation-harness)", height=360, barmode="group")
+    for model in dict.fromkeys(table["model"]):
+        rows = table[table["model"] == model]
+        fig.add_bar(x=[f"{t} {m}" for t, m in zip(rows["task"], rows["metric"])],
+                    y=_json_safe(rows["value"]), name=model,
+                    error_y={"type": "data", "array": _json_safe(rows["stderr"])},
+                    customdata=_json_safe(rows["n_docs"]),
+                    hovertemplate="%{x}: %{y:.3f} (%{customdata} docs)<extra>" + str(model) + "</extra>")
+    fig.update_yaxes(title="score", rangemode="tozero")
+    return fig
+
+
 def layer_error_figure(errors: dict[str, list[float]], layers: list[str]) -> go.Figure:
     """Relative output error ||y_q - y_ref||^2 / ||y_ref||^2 per linear, one line per model."""
     fig = _fig("Per-layer output error against the reference", height=380)
