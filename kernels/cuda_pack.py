@@ -5,8 +5,11 @@
 
 The layout is described in ``kernels/cuda/int4_decode.cu``: per tile of 16 output features and
 chunk of 64 input rows, each of the 32 lanes of a warp reads one 16-byte word holding the
-codes of its four m16n8k16 A fragments; scales and zero points come in (row g, row g + 8)
-pairs in the activation dtype, zero points offset by the dequantization magic number.
+codes of its four m16n8k16 A fragments, with the k order inside each chunk permuted so that
+each lane's activations are contiguous; zero points come in (row g, row g + 8) pairs in the
+activation dtype, offset by the dequantization magic number, and scales in matching fp32 pairs
+(the kernel applies them per group after the MMAs). For fp16 the row g + 8 entries carry a
+factor 16 (zero point x 16, scale / 16): the kernel reads those codes without shifting them.
 Act-order checkpoints reuse the Triton path's row permutation (rows sorted by g_idx; the
 activations are permuted at run time), so groups are contiguous in kernel order.
 """
@@ -27,8 +30,8 @@ MAGIC = {torch.float16: 1024.0, torch.bfloat16: 128.0}   # MAGIC + code is exact
 class PreparedCUDA(NamedTuple):
     """Kernel-ready tensors of one linear layer for one activation dtype."""
     qweight: torch.Tensor           # int32 [N'/16, K'/64, 32, 4]
-    scales: torch.Tensor            # int32 [N'/16, G, 8]: (row g, row g+8) pairs of dtype
-    zeros: torch.Tensor             # int32 [N'/16, G, 8]: MAGIC + zero point, same pairs
+    scales: torch.Tensor            # float32 [N'/16, G, 8, 2]: (row g, row g+8) pairs
+    zeros: torch.Tensor             # int32 [N'/16, G, 8]: MAGIC + zero point pairs of dtype
     perm: torch.Tensor | None       # int64 [K'] into x's columns (K = a zero column), or None
     group_size: int                 # kernel rows per group, a multiple of 64
     k_rows: int                     # K' before padding to 64 (perm length, or K)
@@ -46,6 +49,20 @@ def _lane_positions() -> tuple[torch.Tensor, torch.Tensor]:
     row = g + 8 * (reg % 2)
     col = 2 * t + 8 * (reg // 2) + high
     return row.expand(32, 8), col.expand(32, 8)
+
+
+def _chunk_order() -> torch.Tensor:
+    """[4, 16] int64: the physical k (0..63) inside a chunk of logical column kk of k-tile j.
+    Logical column 2t + 8h + l of tile j sits at 16t + 4j + 2h + l."""
+    j = torch.arange(4)[:, None]
+    kk = torch.arange(16)[None, :]
+    t, h, lo = (kk % 8) // 2, kk // 8, kk % 2
+    return 16 * t + 4 * j + 2 * h + lo
+
+
+def _row_factor(dtype: torch.dtype) -> torch.Tensor:
+    """[2]: the factor the kernel's dequantization puts on rows g and g + 8."""
+    return torch.tensor([1.0, 16.0 if dtype == torch.float16 else 1.0])
 
 
 def supports(bits: int, g_idx: torch.Tensor, groups: int) -> str | None:
@@ -80,10 +97,12 @@ def prepare(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
     if groups == 1:
         group_size = kp
     codes = torch.nn.functional.pad(codes, (0, kp - k_rows, 0, np_ - n))          # [Np, Kp]
+    factor = _row_factor(dtype).to(qweight.device)
+    zeros = _pairs(torch.nn.functional.pad(zeros.float(), (0, np_ - n)))            # [nt,G,8,2]
     return PreparedCUDA(
         qweight=_pack_codes(codes).contiguous(),
-        scales=_pairs(torch.nn.functional.pad(scales.float(), (0, np_ - n)), dtype),
-        zeros=_pairs(torch.nn.functional.pad(zeros.float(), (0, np_ - n)) + MAGIC[dtype], dtype),
+        scales=(_pairs(torch.nn.functional.pad(scales.float(), (0, np_ - n))) / factor).contiguous(),
+        zeros=(zeros * factor + MAGIC[dtype]).to(dtype).contiguous().view(torch.int32)[..., 0],
         perm=perm, group_size=group_size, k_rows=k_rows, in_features=k, out_features=n,
         dtype=dtype)
 
@@ -91,8 +110,9 @@ def prepare(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
 def _pack_codes(codes: torch.Tensor) -> torch.Tensor:
     """codes [Np, Kp] -> int32 [Np/16, Kp/64, 32, 4] (the lane words)."""
     np_, kp = codes.shape
-    tiles = codes.to(torch.int64).reshape(np_ // TILE, TILE, kp // CHUNK, 4, 16)   # [nt,n,kc,j,k]
-    tiles = tiles.permute(0, 2, 3, 1, 4)                                           # [nt,kc,j,n,k]
+    chunks = codes.to(torch.int64).reshape(np_ // TILE, TILE, kp // CHUNK, CHUNK)  # [nt,n,kc,64]
+    order = _chunk_order().to(codes.device)                                         # [4, 16]
+    tiles = chunks[..., order].permute(0, 2, 3, 1, 4)                              # [nt,kc,j,n,kk]
     row, col = (p.to(codes.device) for p in _lane_positions())
     nibbles = tiles[:, :, :, row, col]                                             # [nt,kc,j,32,8]
     shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * 4
@@ -101,37 +121,41 @@ def _pack_codes(codes: torch.Tensor) -> torch.Tensor:
     return words.permute(0, 1, 3, 2).to(torch.int32)                               # [nt,kc,32,j]
 
 
-def _pairs(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[G, Np] floats -> int32 [Np/16, G, 8]: per (tile, group, g) the pair (row g, row g+8)."""
+def _pairs(values: torch.Tensor) -> torch.Tensor:
+    """[G, Np] -> [Np/16, G, 8, 2]: per (tile, group, g) the pair (row g, row g + 8)."""
     g_count, np_ = values.shape
-    v = values.to(dtype).reshape(g_count, np_ // TILE, 2, 8).permute(1, 0, 3, 2)   # [nt,G,8,2]
-    return v.contiguous().view(torch.int32).reshape(np_ // TILE, g_count, 8)
+    return values.reshape(g_count, np_ // TILE, 2, 8).permute(1, 0, 3, 2)
 
 
-def _unpairs(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of _pairs: -> float32 [G, Np]."""
-    nt, g_count, _ = packed.shape
-    v = packed.contiguous().view(dtype).reshape(nt, g_count, 8, 2).permute(1, 0, 3, 2)
-    return v.reshape(g_count, nt * TILE).float()
+def _unpairs(pairs: torch.Tensor) -> torch.Tensor:
+    """Inverse of _pairs: [Np/16, G, 8, 2] -> [G, Np]."""
+    nt, g_count = pairs.shape[:2]
+    return pairs.permute(1, 0, 3, 2).reshape(g_count, nt * TILE)
 
 
 def dequantize_prepared(p: PreparedCUDA) -> torch.Tensor:
     """The weight in kernel order, float32 [K', N], read back from the packed layout the way
-    the kernel reads it (nibble -> A-fragment position), with the kernel's dtype rounding."""
+    the kernel reads it (nibble -> A-fragment position -> permuted k), with its arithmetic:
+    (MAGIC + code) - (MAGIC + zero) exact in the dtype, times the fp32 scale."""
     nt, kc = p.qweight.shape[:2]
+    dev = p.qweight.device
     words = p.qweight.to(torch.int64) & 0xFFFFFFFF                                 # [nt,kc,32,4]
-    shifts = torch.arange(8, device=words.device, dtype=torch.int64) * 4
+    shifts = torch.arange(8, device=dev, dtype=torch.int64) * 4
     nibbles = (words.permute(0, 1, 3, 2)[..., None] >> shifts) & 0xF               # [nt,kc,j,32,8]
-    tiles = torch.zeros(nt, kc, 4, TILE, 16, dtype=torch.int64, device=words.device)
-    row, col = (q.to(words.device) for q in _lane_positions())
-    tiles[:, :, :, row, col] = nibbles
-    codes = tiles.permute(0, 3, 1, 2, 4).reshape(nt * TILE, kc * CHUNK)            # [Np, Kp]
-    kp = kc * CHUNK
-    grp = torch.arange(kp, device=words.device) // p.group_size
-    scales, zeros = _unpairs(p.scales, p.dtype), _unpairs(p.zeros, p.dtype)       # [G, Np]
+    tiles = torch.zeros(nt, kc, 4, TILE, 16, dtype=torch.int64, device=dev)
+    row, col = (q.to(dev) for q in _lane_positions())
+    tiles[:, :, :, row, col] = nibbles                                             # [nt,kc,j,n,kk]
+    chunks = torch.zeros(nt, TILE, kc, CHUNK, dtype=torch.int64, device=dev)
+    chunks[..., _chunk_order().to(dev)] = tiles.permute(0, 3, 1, 2, 4)
+    codes = chunks.reshape(nt * TILE, kc * CHUNK)                                  # [Np, Kp]
+    factor = _row_factor(p.dtype).to(dev)
+    zeros = _unpairs(p.zeros.view(p.dtype).reshape(*p.zeros.shape, 2).float())     # [G, Np]
+    scales = _unpairs(p.scales * factor)                                           # [G, Np]
+    rows_factor = _unpairs(factor.expand(nt, 1, 8, 2))[0]                          # [Np]
+    grp = torch.arange(kc * CHUNK, device=dev) // p.group_size
     magic = MAGIC[p.dtype]
-    diff = ((codes.t().float() + magic).to(p.dtype) - zeros[grp].to(p.dtype))      # exact
-    w = (diff * scales[grp].to(p.dtype)).float()                                   # [Kp, Np]
+    diff = (codes.t().float() * rows_factor + magic) - zeros[grp]                  # exact
+    w = diff / rows_factor * scales[grp]                                           # [Kp, Np]
     return w[:p.k_rows, :p.out_features]
 
 

@@ -65,7 +65,7 @@ def test_unsupported_layers_are_refused_with_the_reason():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
 def test_sources_compile_for_sm80_and_sm90_without_spills(tmp_path):
-    cmd = ["nvcc", "-c", "-O3", *cuda_ops.ARCH_FLAGS, "-Xptxas", "-v", str(CU),
+    cmd = ["nvcc", "-c", "-O3", "-std=c++17", *cuda_ops.ARCH_FLAGS, "-Xptxas", "-v", str(CU),
            "-o", str(tmp_path / "int4_decode.o")]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-3000:]

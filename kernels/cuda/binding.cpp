@@ -21,10 +21,11 @@ torch::Tensor int4_decode(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
   const int64_t tiles = (n + 15) / 16, groups = k / group_size;
   TORCH_CHECK(qweight.is_cuda() && qweight.numel() == tiles * (k / 64) * 32 * 4 && qweight.is_contiguous(),
               "qweight does not match K=", k, ", N=", n);
-  TORCH_CHECK(scales.numel() == tiles * groups * 8 && zeros.numel() == tiles * groups * 8 &&
+  TORCH_CHECK(scales.numel() == tiles * groups * 16 && zeros.numel() == tiles * groups * 8 &&
               scales.is_contiguous() && zeros.is_contiguous(), "scales/zeros do not match the layout");
-  TORCH_CHECK(scales.scalar_type() == at::kInt && zeros.scalar_type() == at::kInt &&
-              qweight.scalar_type() == at::kInt, "qweight, scales and zeros must be packed int32");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kInt &&
+              qweight.scalar_type() == at::kInt, "qweight and zeros must be packed int32, scales float32");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = torch::empty({m, n}, x.options());
   const int dtype = x.scalar_type() == at::kBFloat16 ? 1 : 0;
