@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import shutil
 import sys
@@ -30,19 +31,19 @@ import traceback
 from pathlib import Path
 
 import torch
+from gptq_lab.kernels import ops as kernel_ops
 
 from gptq_lab import QuantConfig, load, quantize_model, save
 from gptq_lab.generate import PATHS, DecodeSettings, figure_names, measure_decode, prepare_model
-from gptq_lab.kernels import ops as kernel_ops
 
 SHAPES = {
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
-               rope_theta=500000.0),
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256, max_position_embeddings=256),
+    "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096},
+    "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
+           "rope_theta": 500000.0},
+    "tiny": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 256},
 }
 QUANT = QuantConfig(bits=4, group_size=128, sym=True)
 TINY = DecodeSettings(prompt=4, long_prompt=16, new_tokens=4, batches=(2,), repeats=1, warmup=0)
@@ -95,7 +96,7 @@ def measure(model, shape: str, dtype: str, paths: list[str], settings: DecodeSet
         t0 = time.perf_counter()
         try:
             figures = measure_decode(model, path, settings, progress=lambda m: log(f"{shape} {dtype} {m}"))
-        except Exception as e:                          # keep the other rows; say what failed
+        except Exception as e:  # noqa: BLE001 -- a failed path (e.g. a compile error) must not lose the other rows
             traceback.print_exc()
             figures = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
         log(f"{shape} {dtype} {path}: {time.perf_counter() - t0:.0f}s")
@@ -131,7 +132,7 @@ def table(rows: list[dict], settings: DecodeSettings, header: str) -> str:
              "|---" * (3 + len(names)) + "|"]
 
     def cell(v) -> str:
-        return "-" if v is None or v != v else f"{v:.3g}" if abs(v) < 10 else f"{v:.0f}"
+        return "-" if v is None or math.isnan(v) else f"{v:.3g}" if abs(v) < 10 else f"{v:.0f}"
 
     for r in rows:
         if "error" in r:
@@ -142,13 +143,13 @@ def table(rows: list[dict], settings: DecodeSettings, header: str) -> str:
         base = next((b for b in rows if b["dtype"] == "fp16" and b["shape"] == r["shape"]
                      and b["path"] == r["path"] and "error" not in b), None)
         if r["dtype"] == "int4" and base is not None:
-            ratios = [f"{r[n] / base[n]:.2f}x" if base[n] and base[n] == base[n] and r[n] == r[n] else "-"
+            ratios = [f"{r[n] / base[n]:.2f}x" if base[n] and not math.isnan(base[n] + r[n]) else "-"
                       for n in names]
             lines.append(f"| {r['shape']} | {r['path']} | int4/fp16 | " + " | ".join(ratios) + " |")
-    lines += ["", "tokens/s: decode bB pT = B sequences after a T-token prompt, new tokens only "
-              f"({settings.new_tokens} per sequence); prefill = prompt tokens / time to first token. "
-              "GB: weights (parameters + buffers), peak allocation during the path's runs. "
-              "int4/fp16 rows: ratios (speedups for tokens/s, fractions for GB)."]
+    lines += ["", ("tokens/s: decode bB pT = B sequences after a T-token prompt, new tokens only "
+                   f"({settings.new_tokens} per sequence); prefill = prompt tokens / time to first token. "
+                   "GB: weights (parameters + buffers), peak allocation during the path's runs. "
+                   "int4/fp16 rows: ratios (speedups for tokens/s, fractions for GB).")]
     return "\n".join(lines)
 
 

@@ -196,8 +196,8 @@ def measure_decode(model: nn.Module, path: str, settings: DecodeSettings | None 
         if progress:
             progress(f"{path}: {name}")
         ids = prompt(batch, length)
-        full = _median_time(lambda: run(ids, s.new_tokens), device, s.warmup, s.repeats)
-        first = _median_time(lambda: run(ids, 1), device, s.warmup, s.repeats)
+        full = _median_time(lambda ids=ids: run(ids, s.new_tokens), device, s.warmup, s.repeats)
+        first = _median_time(lambda ids=ids: run(ids, 1), device, s.warmup, s.repeats)
         decode = full - first                    # NaN when timing noise swamps the decode time
         out[name] = batch * (s.new_tokens - 1) / decode if decode > 0 else float("nan")
         if length == s.long_prompt and batch == 1:

@@ -20,8 +20,8 @@ the layer is on its device: the kernel is chosen then, not per call, and on CUDA
 layout is kept as non-persistent buffers, so forward has no data-dependent Python branching and
 runs under ``torch.compile(fullgraph=True)`` and CUDA graphs. Calls with more than
 ``dequant_above`` rows (prefill) dequantize W once into a shared buffer and use torch.matmul.
-``prepare(release_checkpoint=True)`` frees the checkpoint-layout ``qweight`` (it would double
-the weights' memory); such a layer still runs but can no longer be saved or dequantized.
+``prepare(release_checkpoint=True)`` frees the checkpoint-layout tensors (keeping them would
+double the weights' memory); such a layer still runs but can no longer be saved or dequantized.
 """
 from __future__ import annotations
 
@@ -33,12 +33,12 @@ import torch
 from torch import nn
 
 from . import kernels
-from .kernels import ops as kernel_ops
-from .kernels import triton_pack
 from .arch import in_out_features, is_conv1d
 from .config import QuantConfig
 from .errors import NumericalError, UnsupportedModelError
 from .gptq import GPTQResult
+from .kernels import ops as kernel_ops
+from .kernels import triton_pack
 from .quant import group_index, pack_qweight, pack_qzeros
 
 CONFIG_ATTR = "gptq_config"   # convert() and io.load() record the QuantConfig on the model here
@@ -130,7 +130,8 @@ class QuantLinear(nn.Module):
         again after moving the layer. Checks the buffers once (forward then checks nothing).
 
         CUDA with Triton, 2/4/8 bits: the Triton layout (``kernels.triton_pack``) is kept as
-        non-persistent buffers ``kernel_*``; ``release_checkpoint=True`` then frees ``qweight``.
+        non-persistent buffers ``kernel_*``; ``release_checkpoint=True`` then frees ``qweight``,
+        ``qzeros`` and ``scales`` (left empty: [0, ...]).
         Elsewhere: the torch reference, written without data-dependent branches.
         """
         device = self.qweight.device
@@ -146,8 +147,10 @@ class QuantLinear(nn.Module):
             for name in ("qweight", "scales", "zeros", "perm"):
                 self.register_buffer(f"kernel_{name}", getattr(p, name), persistent=False)
             self._kernel_meta = (p.bits, p.group_size, p.zero, p.in_features, p.out_features)
-            if release_checkpoint:
-                self.qweight = torch.empty((0, self.out_features), dtype=torch.int32, device=device)
+            if release_checkpoint:                   # the kernel layout holds all of it now
+                for name in ("qweight", "qzeros", "scales"):
+                    t = getattr(self, name)
+                    setattr(self, name, t.new_empty((0, t.shape[1])))
                 self._released = True
         return self
 
