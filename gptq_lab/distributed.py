@@ -19,13 +19,15 @@ Without an initialised process group (or with one rank) every function here is a
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
 from .config import QuantConfig
 from .errors import CalibrationError, ConfigError
 from .gptq import GPTQResult, HessianAccumulator
-from .gptq import solve as solve_one
+from .gptq import solve as gptq_solve
 
 
 def world() -> tuple[int, int]:
@@ -69,8 +71,9 @@ def all_reduce_hessian(acc: HessianAccumulator) -> None:
     acc.n_rows = int(n.item())
 
 
-def solve(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig) -> GPTQResult:
-    """gptq.solve of ``weight`` [N, K], with the rows split across ranks and the result on every rank."""
+def solve(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig,
+          solve_one: Callable[..., GPTQResult] = gptq_solve) -> GPTQResult:
+    """``solve_one`` (gptq.solve) of ``weight`` [N, K], rows split across ranks, the result on every rank."""
     rank, size = world()
     if size == 1:
         return solve_one(weight, hessian, config)

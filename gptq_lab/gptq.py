@@ -19,7 +19,7 @@ import torch
 
 from .config import QuantConfig
 from .errors import NumericalError
-from .quant import compute_qparams, quantize, rtn
+from .quant import compute_qparams, maxq, rtn
 
 # Damping is raised by this factor, at most this many times, when Cholesky fails.
 DAMP_ESCALATION = 10.0
@@ -37,19 +37,27 @@ class HessianAccumulator:
         self.hessian_sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.n_rows = 0
 
-    def add(self, x: torch.Tensor, chunk_rows: int = 4096) -> None:
+    def add(self, x: torch.Tensor, chunk_rows: int | None = None) -> None:
         """x [..., K]: every row is one token's input to the layer."""
         x = x.reshape(-1, x.shape[-1])
         if not torch.isfinite(x).all():
             raise NumericalError("layer input contains NaN or Inf; check the model's weights "
                                  "and the calibration data (or run in float32)")
-        for start in range(0, x.shape[0], chunk_rows):
-            xc = x[start:start + chunk_rows]                 # [rows, K]
-            if xc.device.type == "cuda":
-                xc = xc.float()
-            # On CPU, bf16 inputs multiply in bf16 (fp32 accumulation inside the kernel,
-            # several times faster than fp32); each chunk's sum is added in float32.
-            self.hessian_sum += (xc.t() @ xc).float()        # [K, K]
+        cuda = x.device.type == "cuda"
+        # CUDA: chunks of ~256 MiB in float32, one addmm each. fp16/bf16 values are exact in
+        # TF32 (10 and 7 mantissa bits), so TF32 tensor cores lose nothing there (fp32 sums).
+        rows = chunk_rows or (max(4096, (1 << 26) // x.shape[1]) if cuda else 4096)
+        with _tf32(cuda and x.dtype in (torch.float16, torch.bfloat16)):
+            for start in range(0, x.shape[0], rows):
+                xc = x[start:start + rows]                   # [rows, K]
+                if cuda:
+                    xc = xc.float()
+                if xc.dtype == torch.float32:
+                    self.hessian_sum.addmm_(xc.t(), xc)      # [K, K]
+                else:
+                    # On CPU, bf16 inputs multiply in bf16 (fp32 accumulation inside the kernel,
+                    # several times faster than fp32); each chunk's sum is added in float32.
+                    self.hessian_sum += (xc.t() @ xc).float()
         self.n_rows += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
@@ -137,6 +145,17 @@ def _diagnose(hessian: torch.Tensor) -> str:
 
 
 @contextlib.contextmanager
+def _tf32(enabled: bool):
+    """Allow TF32 matmuls on CUDA inside the block (restored after)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled or before
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@contextlib.contextmanager
 def one_thread(enabled: bool = True):
     """Run torch on one intra-op thread, restored after. The column loop is thousands of ops on
     vectors of N floats: thread hand-offs cost more than they save (5-7x slower with 2 threads
@@ -158,106 +177,135 @@ def condition_estimate(chol: torch.Tensor) -> float:
     return float((d.max() / d.min()) ** 2)
 
 
-def _group_params(w: torch.Tensor, config: QuantConfig):
-    """Static per-group qparams from w [N, K] in original order -> list of (scale, zero)."""
-    size = config.group_size
-    return [compute_qparams(w[:, s:s + size], config.bits, config.sym) for s in range(0, w.shape[1], size)]
+@dataclass
+class InverseFactor:
+    """What the column loop needs from a Hessian, computed once per (Hessian, damp, act_order)."""
+
+    hinv_chol: torch.Tensor      # [K, K] upper Cholesky factor of the damped inverse, solve order
+    perm: torch.Tensor | None    # [K] act-order permutation
+    dead: torch.Tensor           # [K] bool: zero diagonal (inputs that were always zero)
+    damp_abs: float
+    escalations: int
+    condition_number: float      # condition_estimate of the damped Hessian
 
 
-def solve(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig) -> GPTQResult:
-    """Quantize ``weight`` [N, K] with GPTQ against ``hessian`` [K, K].
+def inverse_factor(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = False) -> InverseFactor:
+    """Factor ``hessian`` [K, K] for ``solve``: dead inputs get a unit diagonal, optional
+    act-order permutation (decreasing diagonal), damping (escalated on failure), then the upper
+    Cholesky factor of the inverse. Runs on the Hessian's device."""
+    h = hessian.detach().to(torch.float32).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True)
+        h = h[perm][:, perm]
+    hinv_chol, damp_abs, escalations, cond = _damped_inverse_cholesky(h, damp)
+    return InverseFactor(hinv_chol, perm, dead, damp_abs, escalations, cond)
 
-    Follows the reference algorithm: dead inputs (zero Hessian diagonal) get a unit
-    diagonal and zero weight; optional act-order permutation; damping; the upper
-    Cholesky factor of the inverse Hessian; lazy block updates. Blocks are aligned
-    to groups, so each group's grid is fitted on fully updated weights (exactly
-    the unblocked algorithm). Inputs are not modified.
+
+def solve(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig,
+          factor: InverseFactor | None = None) -> GPTQResult:
+    """Quantize ``weight`` [N, K] with GPTQ against ``hessian`` [K, K], on the weight's device.
+
+    Follows the reference algorithm: dead inputs (zero Hessian diagonal) get a unit diagonal and
+    zero weight; optional act-order permutation; damping; the upper Cholesky factor of the
+    inverse; lazy block updates. Blocks are aligned to groups, so each group's grid is fitted on
+    fully updated weights (exactly the unblocked algorithm). ``factor``: a precomputed
+    ``inverse_factor(hessian, config.damp, config.act_order)`` (re-solving a cached layer with
+    other bits or group sizes skips the factorisation). Inputs are not modified.
     """
-    n, k = weight.shape
+    _n, k = weight.shape
     if hessian.shape != (k, k):
         raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match weight in_features={k}")
     dev = weight.device
-    w = weight.detach().to(torch.float32).clone()
-    h = hessian.detach().to(device=dev, dtype=torch.float32).clone()
+    w = weight.detach().to(torch.float32).clone()                                   # [N, K]
     if not torch.isfinite(w).all():
         raise NumericalError("the weight contains NaN or Inf")
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    if factor is None:
+        factor = inverse_factor(hessian.to(dev), config.damp, config.act_order)
+    f = factor
+    w[:, f.dead.to(dev)] = 0
+    static = None
+    if config.static_groups and config.group_size != -1:
+        static = [compute_qparams(w[:, s:s + config.group_size], config.bits, config.sym)
+                  for s in range(0, k, config.group_size)]
+    if f.perm is not None:
+        w = w[:, f.perm.to(dev)]
+    wt = w.t().contiguous()                                                          # [K, N], solve order
+    with one_thread(dev.type == "cpu"):      # thousands of tiny ops: threads only hurt
+        codes_t, err_t, scales, zeros, g_of_col = _columns(wt, f.hinv_chol.to(dev), config, f.perm, static)
+    column_loss = (err_t ** 2).sum(1) / 2                                            # [K]
+    codes = codes_t.t().to(torch.uint8)                                              # [N, K]
+    if f.perm is not None:
+        inv = torch.argsort(f.perm)
+        codes, column_loss, g_of_col = codes[:, inv.to(dev)], column_loss[inv.to(dev)], g_of_col[inv.cpu()]
     notes = []
-    if bool(dead.all()):
+    if f.escalations:
+        notes.append(f"Cholesky failed with damp={config.damp}; succeeded after raising damping "
+                     f"{f.escalations} time(s) to {f.damp_abs:.3g} (absolute). The Hessian is (near-)singular: "
+                     f"too few or duplicate calibration samples, or dead input channels "
+                     f"({int(f.dead.sum())} here)")
+    if bool(f.dead.all()):
         notes.append("every input channel is dead (always zero): the layer's output does not depend on "
                      "its weights for this calibration; quantized to zero")
+    return GPTQResult(
+        codes=codes.contiguous(), scales=scales, zeros=zeros.round().to(torch.int32),
+        g_idx=g_of_col.to(torch.int32), column_loss=column_loss, perm=f.perm, damp_used=f.damp_abs,
+        damp_escalations=f.escalations, dead_channels=f.dead.clone(), condition_number=f.condition_number,
+        bits=config.bits, group_size=config.group_size, sym=config.sym, notes=notes)
 
-    group = k if config.group_size == -1 else config.group_size
-    static = _group_params(w, config) if (config.static_groups and config.group_size != -1) else None
 
-    perm = None
-    if config.act_order:
-        perm = torch.argsort(torch.diag(h), descending=True)
-        w, h = w[:, perm], h[perm][:, perm]
+def _columns(wt: torch.Tensor, hinv: torch.Tensor, config: QuantConfig, perm, static):
+    """The GPTQ column loop on wt [K, N] (solve order, modified in place) with upper factor hinv.
 
-    hinv, damp_abs, escalations, cond = _damped_inverse_cholesky(h, config.damp)
-    if escalations:
-        notes.append(f"Cholesky failed with damp={config.damp}; succeeded after raising damping "
-                     f"{escalations} time(s) to {damp_abs:.3g} (absolute). The Hessian is (near-)singular: "
-                     f"too few or duplicate calibration samples, or dead input channels "
-                     f"({int(dead.sum())} here)")
-
-    q_codes = torch.zeros(n, k, dtype=torch.uint8, device=dev)
-    losses = torch.zeros(n, k, device=dev)
+    Returns codes_t [K, N] float, err_t [K, N] ((w - q) / d per column), scales/zeros [N, G],
+    g [K] int64 (CPU). Each column is 8 in-place ops on an [N] row (no host sync, no
+    temporaries but one); each lazy block ends with one addmm into the columns after it.
+    """
+    k, n = wt.shape
+    dev = wt.device
+    per_channel = config.group_size == -1
+    group = k if per_channel else config.group_size
     n_groups = math.ceil(k / group)
     scales = torch.zeros(n, n_groups, device=dev)
     zeros = torch.zeros(n, n_groups, device=dev)
-    g_of_col = torch.zeros(k, dtype=torch.int32)   # group of each (permuted) column
-
-    block = max(1, config.block_size // group) * group if group <= config.block_size else group
-    if config.group_size == -1:
+    if per_channel:
         block = config.block_size
-        scales[:, 0], zeros[:, 0] = compute_qparams(w, config.bits, config.sym)
-    scale = zero = None
-    for i1 in range(0, k, block):
-        i2 = min(i1 + block, k)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        with one_thread(dev.type == "cpu"):      # thousands of tiny ops: threads only hurt
-            for i in range(i2 - i1):
-                col = i1 + i
-                gi = _group_of(col, perm, group, static is not None, config.group_size == -1)
-                if config.group_size == -1:
-                    scale, zero = scales[:, 0], zeros[:, 0]
-                elif static is not None:
-                    scale, zero = static[gi]
-                elif col % group == 0:
-                    scale, zero = compute_qparams(w1[:, i:i + group], config.bits, config.sym)
-                    scales[:, gi], zeros[:, gi] = scale, zero
-                g_of_col[col] = gi
-                wc = w1[:, i]
-                codes = quantize(wc, scale, zero, config.bits)
-                qc = scale * (codes - zero)
-                d = hinv1[i, i]
-                q_codes[:, col] = codes.to(torch.uint8)
-                losses[:, col] = (wc - qc) ** 2 / d ** 2
-                e = (wc - qc) / d
-                w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
-                err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-
+        scales[:, 0], zeros[:, 0] = compute_qparams(wt.t(), config.bits, config.sym)
+        g_of_col = torch.zeros(k, dtype=torch.int64)
+    else:
+        block = max(1, config.block_size // group) * group if group <= config.block_size else group
+        g_of_col = torch.arange(k) // group
     if static is not None:
         for gi, (s, z) in enumerate(static):
             scales[:, gi], zeros[:, gi] = s, z
-    column_loss = losses.sum(0) / 2
-    g_idx = g_of_col
-    if perm is not None:
-        inv = torch.argsort(perm)
-        q_codes, column_loss, g_idx = q_codes[:, inv], column_loss[inv], g_of_col[inv.cpu()]
-    return GPTQResult(
-        codes=q_codes, scales=scales, zeros=zeros.round().to(torch.int32), g_idx=g_idx.to(torch.int32),
-        column_loss=column_loss, perm=perm, damp_used=damp_abs, damp_escalations=escalations,
-        dead_channels=dead, condition_number=cond, bits=config.bits, group_size=config.group_size,
-        sym=config.sym, notes=notes,
-    )
+        g_of_col = (perm.cpu() if perm is not None else torch.arange(k)) // group
+    fixed_grid = per_channel or static is not None
+    groups = g_of_col.tolist()
+    codes_t, err_t = torch.empty(k, n, device=dev), torch.empty(k, n, device=dev)
+    top = float(maxq(config.bits))
+    scale = zero = None
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1, h1 = wt[i1:i2], hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if fixed_grid:
+                scale, zero = scales[:, groups[col]], zeros[:, groups[col]]
+            elif col % group == 0:
+                scale, zero = compute_qparams(w1[i:i + group].t(), config.bits, config.sym)
+                scales[:, groups[col]], zeros[:, groups[col]] = scale, zero
+            wc, c, e = w1[i], codes_t[col], err_t[col]
+            torch.div(wc, scale, out=c)
+            c.round_().add_(zero).clamp_(0, top)                   # codes
+            torch.addcmul(wc, scale, c - zero, value=-1, out=e)    # w - q
+            e.div_(h1[i, i])
+            if i + 1 < i2 - i1:
+                w1[i + 1:].addr_(h1[i, i + 1:], e, alpha=-1)
+        if i2 < k:
+            wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err_t[i1:i2], alpha=-1)
+    return codes_t, err_t, scales, zeros, g_of_col
 
 
 def rtn_result(weight: torch.Tensor, config: QuantConfig) -> GPTQResult:
@@ -269,13 +317,3 @@ def rtn_result(weight: torch.Tensor, config: QuantConfig) -> GPTQResult:
         perm=None, damp_used=0.0, damp_escalations=0, dead_channels=torch.zeros(k, dtype=torch.bool),
         condition_number=math.nan, bits=config.bits, group_size=config.group_size, sym=config.sym,
     )
-
-
-def _group_of(col: int, perm, group: int, static: bool, per_channel: bool) -> int:
-    """Group index of permuted column ``col``: by position in solve order, or, for static
-    groups, by the column's original index."""
-    if per_channel:
-        return 0
-    if static and perm is not None:
-        return int(perm[col]) // group
-    return col // group

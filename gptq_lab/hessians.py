@@ -9,18 +9,14 @@ one block at a time on ``device`` in ``compute_dtype``), with scoped pre-hooks o
 linear; the model itself is never modified, and an exception (e.g. raised by ``progress``)
 leaves no hook behind. Linears that read the same input (q/k/v) share one Hessian tensor.
 
-``CachedLayer`` solves with the same algorithm and the same inverse-Hessian factor as
-``gptq.solve`` (dead channels, act-order, static groups, damping with escalation, lazy
-blocks aligned to groups), but caches the factor per (damp, act_order), runs the column
-loop on a transposed, contiguous copy of the weight with in-place rank-1 updates, and does
-all of it on one intra-op thread (on a busy 2-core CPU, torch's 2-thread small ops are
-5-50x slower). Codes agree with ``gptq.solve`` up to rounding ties; the eigendecomposition
-(spectrum, exact condition number) is computed once per layer, on first use.
+``CachedLayer`` solves with ``gptq.solve`` itself, passing the inverse-Hessian factor
+(``gptq.inverse_factor``) that it caches per (damp, act_order), so a re-solve with other bits
+or group sizes is one pass of the column loop; the eigendecomposition (spectrum, exact
+condition number) is computed once per layer, on first use.
 """
 from __future__ import annotations
 
 import copy
-import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +26,15 @@ from torch import nn
 
 from .arch import block_linears, family_of, get_blocks, in_out_features
 from .config import QuantConfig
-from .gptq import GPTQResult, HessianAccumulator, _damped_inverse_cholesky, one_thread, rtn_result
+from .gptq import (
+    GPTQResult,
+    HessianAccumulator,
+    InverseFactor,
+    inverse_factor,
+    one_thread,
+    rtn_result,
+    solve,
+)
 from .pipeline import (
     _check_calibration,
     _default_compute_dtype,
@@ -40,7 +44,6 @@ from .pipeline import (
     check_model,
     scoped_hooks,
 )
-from .quant import compute_qparams, maxq
 
 Progress = Callable[[int, int, str], None]
 
@@ -161,15 +164,6 @@ def output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch
 
 # ---------------------------------------------------------------------------- cached layer
 
-@dataclass
-class _Factor:
-    hinv_chol: torch.Tensor   # [K, K] upper Cholesky factor of the damped inverse, solve order
-    perm: torch.Tensor | None
-    damp_abs: float
-    escalations: int
-    condition_number: float   # gptq.condition_estimate of the damped Hessian
-
-
 class CachedLayer:
     """One linear's float32 weight [N, K] and Hessian [K, K], re-solvable with any config.
 
@@ -214,7 +208,7 @@ class CachedLayer:
         diag[self.dead] = 1
         return damp * max(float(diag.mean()), 1e-12)
 
-    def factor(self, damp: float, act_order: bool) -> _Factor:
+    def factor(self, damp: float, act_order: bool) -> InverseFactor:
         key = (float(damp), bool(act_order))
         if key not in self._factors:
             self._factors[key] = self._factor(*key)
@@ -222,15 +216,9 @@ class CachedLayer:
         self._factors.move_to_end(key)
         return self._factors[key]
 
-    def _factor(self, damp: float, act_order: bool) -> _Factor:
-        h = self.hessian.clone()
-        h[self.dead, self.dead] = 1
-        perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
-        if perm is not None:
-            h = h[perm][:, perm]
+    def _factor(self, damp: float, act_order: bool) -> InverseFactor:
         with one_thread():
-            hinv_chol, damp_abs, escalations, cond = _damped_inverse_cholesky(h, damp)
-        return _Factor(hinv_chol, perm, damp_abs, escalations, cond)
+            return inverse_factor(self.hessian, damp, act_order)
 
     def condition_number(self, damp_abs: float) -> float:
         """Exact condition number of the damped Hessian (dead diagonal entries set to 1)."""
@@ -265,82 +253,7 @@ class CachedLayer:
             return output_error(self.weight, result.dequantize(), self.hessian)
 
     def _solve(self, config: QuantConfig) -> GPTQResult:
-        k = self.weight.shape[1]
-        w = self.weight.clone()
-        w[:, self.dead] = 0
-        static = None
-        if config.static_groups and config.group_size != -1:
-            static = [compute_qparams(w[:, s:s + config.group_size], config.bits, config.sym)
-                      for s in range(0, k, config.group_size)]
-        f = self.factor(config.damp, config.act_order)
-        if f.perm is not None:
-            w = w[:, f.perm]
-        wt = w.t().contiguous()                                      # [K, N], solve order
-        with one_thread():
-            codes_t, err_t, scales, zeros, g_of_col = _columns(wt, f.hinv_chol, config, f.perm, static)
-        column_loss = (err_t ** 2).sum(1) / 2                        # [K]
-        codes = codes_t.t().to(torch.uint8)                          # [N, K]
-        if f.perm is not None:
-            inv = torch.argsort(f.perm)
-            codes, column_loss, g_of_col = codes[:, inv], column_loss[inv], g_of_col[inv]
-        notes = []
-        if f.escalations:
-            notes.append(f"Cholesky failed with damp={config.damp}; succeeded after raising damping "
-                         f"{f.escalations} time(s) to {f.damp_abs:.3g} (absolute)")
-        if bool(self.dead.all()):
-            notes.append("every input channel is dead (always zero); quantized to zero")
-        return GPTQResult(
-            codes=codes.contiguous(), scales=scales, zeros=zeros.round().to(torch.int32),
-            g_idx=g_of_col.to(torch.int32), column_loss=column_loss, perm=f.perm, damp_used=f.damp_abs,
-            damp_escalations=f.escalations, dead_channels=self.dead.clone(),
-            condition_number=f.condition_number, bits=config.bits, group_size=config.group_size,
-            sym=config.sym, notes=notes)
-
-
-def _columns(wt, hinv, config, perm, static):
-    """The GPTQ column loop on wt [K, N] (solve order, modified in place) with upper factor hinv.
-    Returns codes_t [K, N] float, err_t [K, N] ((w - q) / d per column), scales/zeros [N, G], g [K]."""
-    k, n = wt.shape
-    per_channel = config.group_size == -1
-    group = k if per_channel else config.group_size
-    n_groups = math.ceil(k / group)
-    scales, zeros = torch.zeros(n, n_groups), torch.zeros(n, n_groups)
-    g_of_col = torch.zeros(k, dtype=torch.int64)
-    if per_channel:
-        block = config.block_size
-        scales[:, 0], zeros[:, 0] = compute_qparams(wt.t(), config.bits, config.sym)
-    else:
-        block = max(1, config.block_size // group) * group if group <= config.block_size else group
-    if static is not None:
-        for gi, (s, z) in enumerate(static):
-            scales[:, gi], zeros[:, gi] = s, z
-    if not per_channel and static is None:
-        g_of_col = torch.arange(k) // group
-    elif static is not None:
-        g_of_col = (perm if perm is not None else torch.arange(k)) // group
-    codes_t, err_t = torch.empty(k, n), torch.empty(k, n)
-    top = float(maxq(config.bits))
-    scale = zero = None
-    for i1 in range(0, k, block):
-        i2 = min(i1 + block, k)
-        w1, h1 = wt[i1:i2], hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            gi = int(g_of_col[col])
-            if per_channel or static is not None:
-                scale, zero = scales[:, gi], zeros[:, gi]
-            elif col % group == 0:
-                scale, zero = compute_qparams(w1[i:i + group].t(), config.bits, config.sym)
-                scales[:, gi], zeros[:, gi] = scale, zero
-            wc = w1[i]
-            c = torch.clamp(torch.round(wc / scale) + zero, 0, top)
-            e = (wc - scale * (c - zero)) / h1[i, i]
-            codes_t[col], err_t[col] = c, e
-            if i + 1 < i2 - i1:
-                w1[i + 1:].addr_(h1[i, i + 1:], e, alpha=-1)
-        if i2 < k:
-            wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err_t[i1:i2], alpha=-1)
-    return codes_t, err_t, scales, zeros, g_of_col
+        return solve(self.weight, self.hessian, config, factor=self.factor(config.damp, config.act_order))
 
 
 def _config_key(config: QuantConfig) -> tuple:

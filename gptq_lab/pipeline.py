@@ -32,7 +32,14 @@ import torch
 from torch import nn
 
 from . import distributed
-from .arch import block_linears, family_of, get_blocks, in_out_features, set_weight_matrix, weight_matrix
+from .arch import (
+    block_linears,
+    family_of,
+    get_blocks,
+    in_out_features,
+    set_weight_matrix,
+    weight_matrix,
+)
 from .config import QuantConfig
 from .errors import CalibrationError, ConfigError, NumericalError, UnsupportedModelError
 from .gptq import GPTQResult, HessianAccumulator, rtn_result, solve
@@ -40,7 +47,6 @@ from .progress import Progress
 from .progress import resolve as resolve_progress
 from .resume import ResumeError, RunState, fingerprint, module_digest
 from .timing import NULL_TIMER, PhaseTimer
-
 
 
 class _StopForward(Exception):
@@ -346,7 +352,7 @@ def quantize_block(block: nn.Module, family, inputs: Inputs, config_for: Callabl
             mod = linears[name]
             weight = masters[name] if masters is not None else weight_matrix(mod)
             with timer("solve"), _layer_named(prefix + name):
-                res = distributed.solve(weight, hessian, config_for(name))
+                res = distributed.solve(weight, hessian, config_for(name), solve)
             if bool(res.dead_channels.all()):
                 warnings.warn(f"{prefix}{name}: every input channel was zero for this calibration, so GPTQ "
                               f"has no information and quantized the layer to zero (result.notes records "
