@@ -100,7 +100,7 @@ def test_gpu_matches_reference(n, k, group_size, sym, act_order, dtype, m):
 def test_gpu_dispatch_picks_cuda_for_decode_batches():
     assert cuda_ops.unavailable() is None, cuda_ops.unavailable()
     layer = make_layer(256, 512, 4, 128, sym=True, device="cuda")
-    x = torch.randn(4, 512, device="cuda", dtype=torch.float16)
+    x = torch.randn(4, 512, device="cuda", dtype=torch.float16)      # 2 <= M <= 16
     cuda_ops._PREPARED.clear()
     y = gptq_matmul(x, *layer, 4)
     assert any(v[1] is not None for v in cuda_ops._PREPARED.values())
