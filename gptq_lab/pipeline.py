@@ -139,11 +139,13 @@ def quantize_model(model: nn.Module, calibration: torch.Tensor | None = None,
     config = config or QuantConfig()
     if method not in ("gptq", "rtn"):
         raise ConfigError(f"method={method!r} is not known; use 'gptq' or 'rtn'")
-    check_model(model)
-    family = family_of(model)
-    blocks = get_blocks(model, family)
-    notes = _check_config(model, config)
-    _check_weights(model, linear_names(model))
+    timer = timer or NULL_TIMER
+    with timer("checks"):
+        check_model(model)
+        family = family_of(model)
+        blocks = get_blocks(model, family)
+        notes = _check_config(model, config)
+        _check_weights(model, linear_names(model))
     for note in dict.fromkeys(n.split(": ", 1)[1] for n in notes):
         warnings.warn(note, stacklevel=2)
     progress = resolve_progress(progress, f"{method} {config.bits}-bit")
@@ -155,16 +157,18 @@ def quantize_model(model: nn.Module, calibration: torch.Tensor | None = None,
         model.gptq_config = config
         return results
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    timer = timer or NULL_TIMER
     ids = distributed.shard_calibration(_check_calibration(model, calibration))
     dtype = compute_dtype or _default_compute_dtype(model, device)
     store = torch.device("cpu") if offload_activations else device
     state = None
     if resume_dir is not None:
         distributed.refuse("resume_dir")
-        state = RunState(resume_dir, fingerprint(model, blocks, ids, config, method=method, dtype=dtype,
-                                                 device=device.type, batch_size=batch_size))
-    start, results, hiddens = state.load(blocks) if state else (0, {}, None)
+        with timer("save state"):
+            state = RunState(resume_dir, fingerprint(model, blocks, ids, config, method=method, dtype=dtype,
+                                                     device=device.type, batch_size=batch_size))
+            start, results, hiddens = state.load(blocks)
+    else:
+        start, results, hiddens = 0, {}, None
     with timer("capture inputs"):
         inputs = capture_block_inputs(model, blocks[0], ids, batch_size, store)
     if start:
