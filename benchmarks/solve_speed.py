@@ -50,8 +50,8 @@ def main() -> None:
     ids = calibration_windows(tok, n_samples=args.samples, seqlen=512)
     hessian = collect_hessians(model, ids, names=[LAYER], device="cpu")[LAYER]
     weight = model.get_submodule(LAYER).weight.detach().float()
-    lines = [f"solver: {label}; layer {LAYER} {tuple(weight.shape)}; torch threads {torch.get_num_threads()}, "
-             f"{os.cpu_count()} CPUs", f"{'config':<24}{'median s':>10}{'min s':>10}{'loss':>12}"]
+    lines = [(f"solver: {label}; layer {LAYER} {tuple(weight.shape)}; torch threads {torch.get_num_threads()}, "
+              f"{os.cpu_count()} CPUs"), f"{'config':<24}{'median s':>10}{'min s':>10}{'loss':>12}"]
     for name, cfg in CONFIGS.items():
         times = []
         for _ in range(args.repeats):

@@ -76,3 +76,21 @@ def test_on_gpu_the_model_stays_on_the_cpu_and_matches_the_cpu_run():
                                compute_dtype=torch.float32)
     agree = sum(int((results[n].codes == reference[n].codes).sum()) for n in results)
     assert agree / sum(r.codes.numel() for r in results.values()) > 0.99
+
+
+def test_the_speed_benchmark_runs_on_cpu_with_offload_and_resume(tmp_path):
+    """benchmarks/quantize_speed.py --tiny --device cpu: the code paths the GPU run takes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(root)}
+    cmd = [sys.executable, str(root / "benchmarks" / "quantize_speed.py"), "--tiny", "--device", "cpu",
+           "--batch-size", "4", "--offload-activations", "--resume-dir", str(tmp_path / "state")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "quantize_speed_tiny.txt").read_text()
+    for phase in ("capture inputs", "forward", "hessian", "solve", "packing", "save state", "total"):
+        assert phase in table
+    assert (tmp_path / "state" / "state.json").exists()

@@ -56,10 +56,11 @@ def blocks_done(state_dir: Path) -> int:
 
 def assert_same_run(a: dict, b: dict, model_a, model_b) -> None:
     assert a.keys() == b.keys()
-    for name in a:
+    for name, ra in a.items():
+        rb = b[name]
         for f in ("codes", "scales", "zeros", "g_idx", "column_loss", "dead_channels"):
-            assert torch.equal(getattr(a[name], f), getattr(b[name], f)), (name, f)
-        assert a[name].damp_used == b[name].damp_used and a[name].notes == b[name].notes
+            assert torch.equal(getattr(ra, f), getattr(rb, f)), (name, f)
+        assert ra.damp_used == rb.damp_used and ra.notes == rb.notes
     sa, sb = model_a.state_dict(), model_b.state_dict()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
@@ -131,14 +132,14 @@ def half_state(tmp_path):
 
 
 @pytest.mark.parametrize("change,match", [
-    (lambda: dict(model=tiny(seed=5)), "model|weights of block"),
-    (lambda: dict(ids=calib(seed=7)), "calibration"),
-    (lambda: dict(config=QuantConfig(bits=3, group_size=32)), "config"),
-    (lambda: dict(compute_dtype=torch.float32), "run"),
-    (lambda: dict(batch_size=4), "run"),
+    (lambda: {"model": tiny(seed=5)}, "model|weights of block"),
+    (lambda: {"ids": calib(seed=7)}, "calibration"),
+    (lambda: {"config": QuantConfig(bits=3, group_size=32)}, "config"),
+    (lambda: {"compute_dtype": torch.float32}, "run"),
+    (lambda: {"batch_size": 4}, "run"),
 ])
 def test_a_state_of_another_run_is_refused(half_state, change, match):
-    args = dict(model=tiny(), ids=calib(), config=CONFIG) | change()
+    args = {"model": tiny(), "ids": calib(), "config": CONFIG} | change()
     kw = {k: v for k, v in args.items() if k not in ("model", "ids", "config")}
     with pytest.raises(ResumeError, match=match):
         quantize_model(args["model"], args["ids"], args["config"], device="cpu", progress=False,
