@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import data
+from .atomic import chmod_per_umask
 from .config import QuantConfig
 from .errors import CalibrationError
 from .protocol import Row, Variant, run_variants
@@ -167,6 +168,7 @@ def save_windows(path, windows: dict[str, torch.Tensor]) -> None:
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in windows.items()}, tmp)
+        chmod_per_umask(Path(tmp))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
