@@ -98,7 +98,7 @@ def main() -> None:
     if args.memory_fraction is not None:
         if not cuda:
             raise SystemExit("--memory-fraction needs a CUDA device")
-        torch.cuda.set_per_process_memory_fraction(args.memory_fraction, device)
+        torch.cuda.set_per_process_memory_fraction(args.memory_fraction, torch.device(device).index or 0)
 
     t0 = time.perf_counter()
     model = build_model(shape, layers)

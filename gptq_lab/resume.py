@@ -125,7 +125,7 @@ class RunState:
     def _check_fingerprint_safely(self, manifest: dict, blocks: nn.ModuleList, path: Path) -> None:
         try:
             self._check_fingerprint(manifest, blocks)
-            int(manifest["blocks_done"]), manifest["files"].get, manifest["results"].get   # noqa: B018
+            int(manifest["blocks_done"]), manifest["files"].get, manifest["results"].get
         except ResumeError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:
