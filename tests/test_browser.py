@@ -281,7 +281,8 @@ def test_quickstart_renders_its_plotly_widgets_in_chromium(lab_server, tmp_path)
         finally:
             browser.close()
     elapsed = time.monotonic() - start
-    print(f"ran {len(cells)} code cells ({'full' if FULL else 'CI-size'} copy) in {elapsed:.0f} s")
+    print(f"ran {len(cells)} code cells ({'full' if FULL else 'CI-size'} copy) in {elapsed:.0f} s; "
+          f"load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     for i in widget_cells:
         plots = cells[i]["plots"]
         drawn = [p for p in plots if p["traces"] and sum(p["points"]) and p["svg"]
