@@ -92,6 +92,8 @@ def main() -> None:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
+        # torchrun sets OMP_NUM_THREADS=1; the CPU-side phases (checks, packing) want the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: pass --device cpu (with --tiny for a quick run)")
@@ -113,7 +115,7 @@ def main() -> None:
     results = quantize_model(model, ids, config, device=device, batch_size=args.batch_size, progress=False,
                              offload_activations=args.offload_activations, resume_dir=args.resume_dir,
                              timer=timer)
-    if not args.no_pack:
+    if not args.no_pack and rank == 0:          # one process writes the checkpoint
         with timer("packing"):
             convert(model, results, config)
     total = time.perf_counter() - t0

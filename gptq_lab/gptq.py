@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -284,28 +285,60 @@ def _columns(wt: torch.Tensor, hinv: torch.Tensor, config: QuantConfig, perm, st
     fixed_grid = per_channel or static is not None
     groups = g_of_col.tolist()
     codes_t, err_t = torch.empty(k, n, device=dev), torch.empty(k, n, device=dev)
-    top = float(maxq(config.bits))
-    scale = zero = None
+    run = block_runner(dev)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        w1, h1 = wt[i1:i2], hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if fixed_grid:
-                scale, zero = scales[:, groups[col]], zeros[:, groups[col]]
-            elif col % group == 0:
-                scale, zero = compute_qparams(w1[i:i + group].t(), config.bits, config.sym)
-                scales[:, groups[col]], zeros[:, groups[col]] = scale, zero
-            wc, c, e = w1[i], codes_t[col], err_t[col]
-            torch.div(wc, scale, out=c)
-            c.round_().add_(zero).clamp_(0, top)                   # codes
-            torch.addcmul(wc, scale, c - zero, value=-1, out=e)    # w - q
-            e.div_(h1[i, i])
-            if i + 1 < i2 - i1:
-                w1[i + 1:].addr_(h1[i, i + 1:], e, alpha=-1)
+        grid = None
+        if fixed_grid:
+            cols = torch.tensor(groups[i1:i2], device=dev)
+            grid = (scales[:, cols].t(), zeros[:, cols].t())                        # [B, N] each
+        fitted = run(wt[i1:i2], hinv[i1:i2, i1:i2], codes_t[i1:i2], err_t[i1:i2], grid, group,
+                     config.bits, config.sym)
+        for j, (scale, zero) in enumerate(fitted):
+            scales[:, groups[i1 + j * group]], zeros[:, groups[i1 + j * group]] = scale, zero
         if i2 < k:
             wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err_t[i1:i2], alpha=-1)
     return codes_t, err_t, scales, zeros, g_of_col
+
+
+def column_block(w1: torch.Tensor, h1: torch.Tensor, c1: torch.Tensor, e1: torch.Tensor,
+                 grid: tuple[torch.Tensor, torch.Tensor] | None, group: int, bits: int,
+                 sym: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One lazy block of the column loop, in place: w1 [B, N] weights in solve order (updated),
+    h1 [B, B] its block of the inverse factor, c1/e1 [B, N] receive codes and (w - q) / d.
+
+    grid: per-column (scales, zeros) [B, N] when the grid is fixed (per-channel or static
+    groups); else None and each group's grid is fitted on the updated weights at the group's
+    first column (the block starts on a group boundary) and returned, in order.
+    Each column is 8 in-place ops on an [N] row: no host sync, so the block can be captured
+    in a CUDA graph (``gptq_lab.graphs``).
+    """
+    top = float(maxq(bits))
+    fitted = []
+    scale = zero = None
+    for i in range(w1.shape[0]):
+        if grid is not None:
+            scale, zero = grid[0][i], grid[1][i]
+        elif i % group == 0:
+            scale, zero = compute_qparams(w1[i:i + group].t(), bits, sym)
+            fitted.append((scale, zero))
+        wc, c, e = w1[i], c1[i], e1[i]
+        torch.div(wc, scale, out=c)
+        c.round_().add_(zero).clamp_(0, top)                   # codes
+        torch.addcmul(wc, scale, c - zero, value=-1, out=e)    # w - q
+        e.div_(h1[i, i])
+        if i + 1 < w1.shape[0]:
+            w1[i + 1:].addr_(h1[i, i + 1:], e, alpha=-1)
+    return fitted
+
+
+def block_runner(device: torch.device):
+    """column_block itself, or on CUDA its CUDA-graph replay (one launch per block instead of
+    about a thousand; same kernels, same results). GPTQ_LAB_CUDA_GRAPHS=0 turns graphs off."""
+    if device.type == "cuda" and os.environ.get("GPTQ_LAB_CUDA_GRAPHS", "1") != "0":
+        from .graphs import graphed_column_block
+        return graphed_column_block
+    return column_block
 
 
 def rtn_result(weight: torch.Tensor, config: QuantConfig) -> GPTQResult:

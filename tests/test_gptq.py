@@ -144,3 +144,25 @@ def test_nan_input_is_named():
     acc = HessianAccumulator(4)
     with pytest.raises(ArithmeticError, match="NaN"):
         acc.add(torch.tensor([[1.0, float("nan"), 0, 0]]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("config", [
+    QuantConfig(bits=4, group_size=128), QuantConfig(bits=3, group_size=64, act_order=True),
+    QuantConfig(bits=4, group_size=-1, sym=False),
+    QuantConfig(bits=4, group_size=128, act_order=True, static_groups=True)])
+def test_cuda_graph_column_loop_equals_the_eager_loop(config, monkeypatch):
+    from gptq_lab import graphs
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 320, generator=gen)
+    w = torch.randn(200, 320, generator=gen).cuda()
+    h = (2 * x.t() @ x / x.shape[0]).cuda()
+    graphs.clear()
+    graphed = solve(w, h, config)
+    assert graphs._GRAPHS, "the CUDA solve did not use a graph"
+    monkeypatch.setenv("GPTQ_LAB_CUDA_GRAPHS", "0")
+    eager = solve(w, h, config)
+    assert torch.equal(graphed.codes, eager.codes)
+    assert torch.equal(graphed.scales, eager.scales) and torch.equal(graphed.zeros, eager.zeros)
+    assert torch.equal(graphed.column_loss, eager.column_loss)
