@@ -158,7 +158,7 @@ def lab_server(tmp_path):
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # our own process group: the server and its kernel
+            os.killpg(proc.pid, signal.SIGKILL)  # the server's own group (kernels have their own)
             proc.wait()
 
 
