@@ -8,9 +8,9 @@ Steps: float-model Hessians of the protocol calibration (Austen, 128 x 512) -> G
 linear at 2/3/4/8 bits (g128 sym) -> plans at --target average *storage* bits per weight (codes +
 zeros + fp16 scales + g_idx, as the checkpoint stores them) -> GPTQ with each plan's per-module
 overrides -> perplexity on the protocol's three evaluation sets. Rows: planner (GPTQ loss),
-planner (KL, with --kl), uniform 3-bit, uniform 4-bit, and random allocations filling the same
-budget (seeds 0..--random-seeds-1, and their mean). Windows/GGUF/device options as in
-benchmarks/protocol.py (one windows file serves this script and calibration_study.py):
+planner (KL, with --kl), random allocations filling the same budget (seeds 0..--random-seeds-1,
+and their mean), uniform 3-bit and uniform 4-bit. The table file is rewritten after each row.
+Windows/GGUF/device options as in benchmarks/protocol.py (one windows file serves both scripts):
 
     python benchmarks/calibration_study.py --save-windows study.safetensors                   # here
     python benchmarks/mixed_precision.py --windows study.safetensors --gguf X.gguf --device cuda --kl
@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--target", type=float, default=3.5, help="average storage bits per weight")
     p.add_argument("--random-seeds", type=int, help="random allocations (default 3; 1 with --quick)")
     p.add_argument("--kl", action="store_true", help="also measure KL per (layer, bits) and plan from it")
+    p.add_argument("--skip-uniform", action="store_true",
+                   help="no uniform 3/4-bit rows (they equal protocol.py's GPTQ 3b/4b g128 rows)")
     args = p.parse_args()
     sizes = QUICK if args.quick else FULL
     windows, load = windows_and_loader(args, sizes)
@@ -67,9 +69,10 @@ def main() -> None:
                      f"{time.perf_counter() - t_kl:.0f} s")
         plans.append(plan(sens, target_bits=args.target, measure="kl", label=f"planner {args.target:g} (KL)"))
     del model, hessians
-    plans += [uniform_plan(sens, 3), uniform_plan(sens, 4)]
     seeds = args.random_seeds if args.random_seeds is not None else (1 if args.quick else 3)
     plans += [random_plan(sens, args.target, seed=s) for s in range(seeds)]
+    if not args.skip_uniform:                         # last: the protocol table has them too
+        plans += [uniform_plan(sens, 3), uniform_plan(sens, 4)]
     runner = Runner(load, evals, args.device,
                     on_row=lambda r: print(f"done {r.label}: {r.perplexity}", file=sys.stderr, flush=True))
     lines += ["", *(f"  {pl.summary()}" for pl in plans)]
