@@ -67,7 +67,10 @@ def test_solver_matches_unblocked_oracle(n, k, group_size, act_order, sym, bits)
     res = solve(w, h, cfg)
     expected = oracle_gptq(w, h, bits, group_size, sym, act_order, 0.01)
     agree = (res.codes.long() == expected).float().mean().item()
-    assert agree >= 0.995, f"only {agree:.4f} of codes agree with the oracle"
+    # Blocked and unblocked orders differ in the last bits; a flipped rounding decision feeds
+    # forward through the error updates. 0.995 held here but another machine's BLAS (the GPU
+    # host's CPU, torch 2.11) gave 0.9915 on the first case; a wrong update gives far less.
+    assert agree >= 0.99, f"only {agree:.4f} of codes agree with the oracle"
     if act_order and group_size != -1:
         assert not torch.equal(res.g_idx, torch.arange(k, dtype=torch.int32) // group_size)
 
