@@ -19,8 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from .reference import unpack_along_rows
-from .triton_pack import _kernel_order, _round_up
+from .triton_pack import _kernel_order, _round_up, kernel_order_codes
 
 CHUNK = 64                      # input rows per weight word group; K' is padded to it
 TILE = 16                       # output features per tile; N is padded to it
@@ -86,13 +85,8 @@ def prepare(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
     why = supports(bits, g_idx, groups)
     if why is not None:
         raise ValueError(f"the CUDA decode kernel cannot run this layer: {why}")
-    codes = unpack_along_rows(qweight, bits, k).t()                               # [N, K]
-    zeros = unpack_along_rows(qzeros.t(), bits, n).t()                            # [G, N]
-    if v1:
-        zeros = (zeros + 1) & ((1 << bits) - 1)
-    perm, group_size, k_rows = _kernel_order(g_idx.to(qweight.device), groups)
-    if perm is not None:
-        codes = torch.nn.functional.pad(codes, (0, 1))[:, perm]                   # [N, K']
+    codes, zeros, perm, group_size, k_rows = kernel_order_codes(qweight, qzeros, g_idx, bits,
+                                                                groups, v1)
     kp, np_ = _round_up(k_rows, CHUNK), _round_up(n, TILE)
     if groups == 1:
         group_size = kp

@@ -72,6 +72,21 @@ def _kernel_order(g_idx: torch.Tensor, groups: int) -> tuple[torch.Tensor | None
     return perm, size, groups * size
 
 
+def kernel_order_codes(qweight: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor,
+                       bits: int, groups: int, v1: bool = False):
+    """Checkpoint tensors -> (codes [N, K'] in kernel order, zero points [G, N], perm,
+    group_size, K'): the unpacking every kernel layout starts from."""
+    k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    codes = unpack_along_rows(qweight, bits, k).t()                               # [N, K] int32
+    zeros = unpack_along_rows(qzeros.t(), bits, n).t()                            # [G, N] int32
+    if v1:
+        zeros = (zeros + 1) & ((1 << bits) - 1)
+    perm, group_size, k_rows = _kernel_order(g_idx.to(qweight.device), groups)
+    if perm is not None:
+        codes = torch.nn.functional.pad(codes, (0, 1))[:, perm]                   # [N, K']
+    return codes, zeros, perm, group_size, k_rows
+
+
 def pack_kernel_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """codes [Np, Kp] (Kp a multiple of 32) -> int32 [Np, Kp // P] in the interleaved layout."""
     n, kp = codes.shape
@@ -102,13 +117,8 @@ def prepare(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, g
                          f"{list(g_idx.shape)}; expected [G, {n}], [G, {n * bits // 32}], [{k}]")
     if k == 0 or n == 0:
         raise ValueError(f"empty layer: in_features={k}, out_features={n}")
-    codes = unpack_along_rows(qweight, bits, k).t()                               # [N, K] int32
-    zeros = unpack_along_rows(qzeros.t(), bits, n).t()                            # [G, N] int32
-    if v1:
-        zeros = (zeros + 1) & ((1 << bits) - 1)
-    perm, group_size, k_rows = _kernel_order(g_idx.to(qweight.device), groups)
-    if perm is not None:
-        codes = torch.nn.functional.pad(codes, (0, 1))[:, perm]                   # [N, K']
+    codes, zeros, perm, group_size, k_rows = kernel_order_codes(qweight, qzeros, g_idx, bits,
+                                                                groups, v1)
     np_, kp = _round_up(n, PAD), _round_up(k_rows, PAD)
     codes = torch.nn.functional.pad(codes, (0, kp - k_rows, 0, np_ - n))          # [Np, Kp]
     uniform_zero = int(zeros.flatten()[0]) if bool((zeros == zeros.flatten()[0]).all()) else -1
