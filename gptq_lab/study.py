@@ -152,12 +152,20 @@ def study_windows(tokenizer, sources: dict[str, tuple[str, ...]] = DEMO_SOURCES,
 
 
 def calibration_sets(windows: dict[str, torch.Tensor], n_samples: int | None = None) -> dict[str, torch.Tensor]:
-    """{label: calibration ids} from ``study_windows``' dict (each cut to n_samples if given)."""
-    return {k.removeprefix("calib."): v[:n_samples] for k, v in windows.items() if k.startswith("calib.")}
+    """{label: calibration ids} from ``study_windows``' dict (each cut to n_samples if given), the
+    demo's sources first in their usual order (a safetensors file returns its keys sorted)."""
+    out = {k.removeprefix("calib."): v[:n_samples] for k, v in windows.items() if k.startswith("calib.")}
+    return _ordered(out, (*DEMO_SOURCES, "mixture"))
 
 
 def eval_sets(windows: dict[str, torch.Tensor], n_windows: int | None = None) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("eval."): v[:n_windows] for k, v in windows.items() if k.startswith("eval.")}
+    """{name: evaluation windows} from ``study_windows``' dict, the protocol's sets first, in order."""
+    out = {k.removeprefix("eval."): v[:n_windows] for k, v in windows.items() if k.startswith("eval.")}
+    return _ordered(out, EVAL_SETS)
+
+
+def _ordered(d: dict, first: tuple[str, ...]) -> dict:
+    return {**{k: d[k] for k in first if k in d}, **{k: v for k, v in d.items() if k not in first}}
 
 
 def save_windows(path, windows: dict[str, torch.Tensor]) -> None:
