@@ -62,7 +62,7 @@ def main() -> None:
              f"{time.perf_counter() - t_sens:.0f} s")]
     plans = [plan(sens, target_bits=args.target, label=f"planner {args.target:g} (GPTQ loss)")]
     if args.kl:
-        kl_ids = windows["kl"][:2] if args.quick else windows["kl"]
+        kl_ids = windows["kl"][:1, :32] if args.quick else windows["kl"]    # quick: 840 forwards of 32 tokens
         t_kl = time.perf_counter()
         output_sensitivity(model, sens, kl_ids)
         lines.append(f"sensitivity: KL on {kl_ids.shape[0]} x {kl_ids.shape[1]} held-out tokens in "
