@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import warnings
 import weakref
 from pathlib import Path
 
@@ -50,7 +51,9 @@ def unavailable() -> str | None:
     try:
         _build()
     except (RuntimeError, OSError, ImportError) as e:    # no compiler, or a build error
-        return f"the CUDA kernel failed to build: {str(e).strip().splitlines()[-1][:300]}"
+        why = f"the CUDA kernel failed to build: {str(e).strip().splitlines()[-1][:300]}"
+        warnings.warn(f"gptq_lab: {why}; using the Triton kernels instead", stacklevel=2)
+        return why
     return None
 
 
