@@ -7,6 +7,7 @@ The notebook objects live in ``gptq_lab.lab``.
 """
 __version__ = "0.1.0"   # before the imports: io/format.py records it in checkpoints
 
+from . import data as data  # gptq_lab.data.load_model(...) after a plain `import gptq_lab`
 from .config import QuantConfig
 from .errors import (
     AssetMissingError,

@@ -12,3 +12,9 @@ def test_import_touches_no_cuda_and_no_notebook_libraries():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_data_is_reachable_from_the_package():
+    """The README's `gptq_lab.data.load_model("demo")` after a plain `import gptq_lab`."""
+    import gptq_lab
+    assert callable(gptq_lab.data.load_model)
