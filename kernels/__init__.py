@@ -61,9 +61,10 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qz
     3-bit, CPU) the torch reference.
     """
     if backend is None:
-        if cuda_ops.wanted(x, bits) and x.dim() == 2 and cuda_ops.prepared_for(
-                qweight, scales, qzeros, g_idx, bits, x.dtype) is not None:
-            return cuda_ops.gptq_matmul(x, qweight, scales, qzeros, g_idx, bits)
+        if cuda_ops.wanted(x, bits) and x.dim() == 2:
+            p = cuda_ops.prepared_for(qweight, scales, qzeros, g_idx, bits, x.dtype)
+            if p is not None:                  # prepared once per layer; None: not this layer
+                return cuda_ops.cuda_mm(x, p)
         name = default_backend(x.device)
         if name == "triton" and not triton_ops.supports(x, bits):
             name = "reference"                 # float32 activations or 3-bit: the torch path

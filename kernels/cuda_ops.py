@@ -22,6 +22,7 @@ import torch
 
 from .cuda_pack import PreparedCUDA, kernel_input, prepare
 from .cuda_pack import supports as layer_supports
+from .ops import cached_layout
 
 SOURCES = [Path(__file__).parent / "cuda" / n for n in ("binding.cpp", "int4_decode.cu")]
 ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
@@ -82,20 +83,18 @@ def cuda_mm(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:
 _PREPARED: dict[tuple, tuple[weakref.ref, PreparedCUDA | None]] = {}
 
 
+def _prepare_or_none(qweight, scales, qzeros, g_idx, bits, dtype) -> PreparedCUDA | None:
+    try:
+        return prepare(qweight, scales, qzeros, g_idx, bits, dtype)
+    except ValueError:                       # a layer the kernel cannot run (bits, group size)
+        return None
+
+
 def prepared_for(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                  g_idx: torch.Tensor, bits: int, dtype: torch.dtype) -> PreparedCUDA | None:
     """prepare(...), or None when the kernel cannot run this layer; cached while this
     ``qweight`` object lives and all four tensors are unmodified."""
-    key = tuple((t.data_ptr(), t._version, tuple(t.shape), t.device)
-                for t in (qweight, scales, qzeros, g_idx)) + (bits, dtype)
-    hit = _PREPARED.get(key)
-    if hit is not None and hit[0]() is qweight:
-        return hit[1]
-    ok = layer_supports(bits, g_idx, scales.shape[0]) is None
-    p = prepare(qweight, scales, qzeros, g_idx, bits, dtype) if ok else None
-    _PREPARED[key] = (weakref.ref(qweight), p)
-    weakref.finalize(qweight, _PREPARED.pop, key, None)
-    return p
+    return cached_layout(_PREPARED, _prepare_or_none, qweight, scales, qzeros, g_idx, bits, dtype)
 
 
 def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,

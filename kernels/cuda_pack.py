@@ -64,13 +64,21 @@ def _row_factor(dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor([1.0, 16.0 if dtype == torch.float16 else 1.0])
 
 
+def _bits_reason(bits: int) -> str:
+    return f"{bits}-bit weights (the CUDA decode kernel is 4-bit only)"
+
+
+def _group_reason(group_size: int) -> str:
+    return f"group size {group_size} is not a multiple of {CHUNK}"
+
+
 def supports(bits: int, g_idx: torch.Tensor, groups: int) -> str | None:
     """None if the decode kernel can run this layer, else the reason it cannot."""
     if bits != 4:
-        return f"{bits}-bit weights (the CUDA decode kernel is 4-bit only)"
+        return _bits_reason(bits)
     _, group_size, _ = _kernel_order(g_idx, groups)
     if groups > 1 and group_size % CHUNK:
-        return f"group size {group_size} is not a multiple of {CHUNK}"
+        return _group_reason(group_size)
     return None
 
 
@@ -82,11 +90,13 @@ def prepare(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
         raise ValueError(f"dtype must be float16 or bfloat16, got {dtype}")
     k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
     groups = scales.shape[0]
-    why = supports(bits, g_idx, groups)
-    if why is not None:
-        raise ValueError(f"the CUDA decode kernel cannot run this layer: {why}")
+    refuse = "the CUDA decode kernel cannot run this layer: "
+    if bits != 4:
+        raise ValueError(refuse + _bits_reason(bits))
     codes, zeros, perm, group_size, k_rows = kernel_order_codes(qweight, qzeros, g_idx, bits,
                                                                 groups, v1)
+    if groups > 1 and group_size % CHUNK:
+        raise ValueError(refuse + _group_reason(group_size))
     kp, np_ = _round_up(k_rows, CHUNK), _round_up(n, TILE)
     if groups == 1:
         group_size = kp

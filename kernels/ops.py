@@ -53,17 +53,24 @@ def _key(*tensors: torch.Tensor) -> tuple:
     return tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device) for t in tensors)
 
 
+def cached_layout(cache: dict, make, qweight: torch.Tensor, scales: torch.Tensor,
+                  qzeros: torch.Tensor, g_idx: torch.Tensor, *extra):
+    """``make(qweight, scales, qzeros, g_idx, *extra)``, kept in ``cache`` while this ``qweight``
+    object lives and all four tensors are unmodified (the repacking runs once per layer)."""
+    key = _key(qweight, scales, qzeros, g_idx) + extra
+    hit = cache.get(key)
+    if hit is not None and hit[0]() is qweight:
+        return hit[1]
+    value = make(qweight, scales, qzeros, g_idx, *extra)
+    cache[key] = (weakref.ref(qweight), value)
+    weakref.finalize(qweight, cache.pop, key, None)
+    return value
+
+
 def prepared_for(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                  g_idx: torch.Tensor, bits: int) -> PreparedGPTQ:
     """prepare(...) cached while this ``qweight`` object lives and all four are unmodified."""
-    key = _key(qweight, scales, qzeros, g_idx) + (bits,)
-    hit = _PREPARED.get(key)
-    if hit is not None and hit[0]() is qweight:
-        return hit[1]
-    p = prepare(qweight, scales, qzeros, g_idx, bits)
-    _PREPARED[key] = (weakref.ref(qweight), p)
-    weakref.finalize(qweight, _PREPARED.pop, key, None)
-    return p
+    return cached_layout(_PREPARED, prepare, qweight, scales, qzeros, g_idx, bits)
 
 
 @torch.library.custom_op("gptq_lab::triton_gptq_matmul", mutates_args=())
