@@ -26,6 +26,7 @@ from torch import nn
 
 from ..data import eval_windows
 from ..eval import agreement, forward_speed, perplexity
+from ..generate import weight_bytes
 from ..pipeline import linear_names, scoped_hooks
 from ..qlinear import quant_linears
 from . import views
@@ -51,16 +52,6 @@ def as_model(model) -> nn.Module:
         return load(model, dtype=torch.float32)
     raise TypeError(f"cannot evaluate a {type(model).__name__}; pass an nn.Module, a Quantizer or a "
                     f"checkpoint directory")
-
-
-def model_memory(model: nn.Module) -> int:
-    """Bytes of parameters and buffers (tied tensors counted once)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
 
 
 class Evaluator:
@@ -145,7 +136,7 @@ class Evaluator:
         estimated from ``gptq_config`` for fake-quantized ones)."""
         model = self.models[name]
         ql = quant_linears(model)
-        packed = sum(model_memory(m) for m in ql.values())
+        packed = sum(weight_bytes(m) for m in ql.values())
         if not ql and getattr(model, "gptq_config", None) is not None:
             cfg = model.gptq_config
             for n in linear_names(model):
@@ -154,7 +145,7 @@ class Evaluator:
                 k = w.shape[1] if type(model.get_submodule(n)).__name__ != "Conv1D" else w.shape[0]
                 g = k if c.group_size == -1 else c.group_size
                 packed += w.numel() * (c.bits + (16 + c.bits) / g) / 8
-        return {"memory_mb": model_memory(model) / 2 ** 20, "quantized_linears_mb": packed / 2 ** 20}
+        return {"memory_mb": weight_bytes(model) / 2 ** 20, "quantized_linears_mb": packed / 2 ** 20}
 
     def figure(self) -> go.Figure:
         if self.results.empty:
