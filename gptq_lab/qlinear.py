@@ -137,9 +137,7 @@ class QuantLinear(nn.Module):
         device = self.qweight.device
         self._check_not_released("prepare")
         kernels.reference.check_gptq_tensors(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits)
-        g = self.g_idx.long()
-        if g.numel() and (int(g.min()) < 0 or int(g.max()) >= self.n_groups):
-            raise ValueError(f"g_idx values must lie in [0, {self.n_groups}), got [{int(g.min())}, {int(g.max())}]")
+        kernels.reference.check_g_idx(self.g_idx, self.n_groups)
         self.backend = kernels.default_backend(device)
         self._kernel_meta = None
         if self.backend == "triton" and self.bits in (2, 4, 8):
@@ -166,10 +164,8 @@ class QuantLinear(nn.Module):
             p = self._kernel_layout()
             return kernel_ops.dequant_mm(flat, p) if big else kernel_ops.gptq_mm(flat, p)
         self._check_not_released("run this input on the reference path")
-        if self.bits == 3:                   # codes straddle words (not traceable: 3-bit compiles break)
-            w = self.dequantize()                                                        # [K, N] fp32
-        else:
-            w = unpack_dequantize(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits)
+        w = kernels.reference.dequantize_unchecked(self.qweight, self.scales, self.qzeros, self.g_idx,
+                                                   self.bits)                               # [K, N] fp32
         if big and not torch.compiler.is_compiling():               # one reused buffer, not one per call
             return flat @ kernel_ops.workspace(w.numel(), flat.dtype, flat.device).view(w.shape).copy_(w)
         return flat @ w.to(flat.dtype)
@@ -193,21 +189,6 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, sym={self.sym}, bias={self.bias is not None}")
-
-
-def unpack_dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
-                      g_idx: torch.Tensor, bits: int) -> torch.Tensor:
-    """The float32 weight [K, N] from checkpoint tensors (true zeros), 2/4/8 bits, no checks and
-    no data-dependent branches (traceable); ``kernels.reference.dequantize_gptq`` checks."""
-    per = 32 // bits
-    shifts = torch.arange(per, device=qweight.device, dtype=torch.int32) * bits        # [P]
-    mask = (1 << bits) - 1
-    codes = (qweight[:, None, :] >> shifts[None, :, None]) & mask                     # [K/P, P, N]
-    codes = codes.reshape(-1, qweight.shape[1])                                       # [K, N]
-    zeros = (qzeros[:, :, None] >> shifts[None, None, :]) & mask                      # [G, N/P, P]
-    zeros = zeros.reshape(qzeros.shape[0], -1)                                        # [G, N]
-    g = g_idx.long()
-    return scales.float()[g] * (codes - zeros[g]).float()                             # [K, N]
 
 
 def _check_fp16_range(scales: torch.Tensor) -> None:

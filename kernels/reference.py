@@ -35,8 +35,8 @@ def unpack_along_rows(packed: torch.Tensor, bits: int, rows: int) -> torch.Tenso
     word, offset = pos // 32, (pos % 32)[:, None]                                # [rows], [rows, 1]
     u = packed.to(torch.int64) & 0xFFFFFFFF                                      # [W, C] unsigned
     value = u[word] >> offset                                                    # [rows, C]
-    straddles = (offset + bits > 32).squeeze(1)
-    if bool(straddles.any()):                                                    # 3-bit only
+    if 32 % bits:                          # 3-bit: codes straddle words (static: traceable)
+        straddles = (offset + bits > 32).squeeze(1)
         nxt = u[(word + 1).clamp(max=u.shape[0] - 1)] << (32 - offset)
         value = torch.where(straddles[:, None], value | nxt, value)
     return (value & ((1 << bits) - 1)).to(torch.int32)
@@ -72,15 +72,28 @@ def check_gptq_tensors(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torc
 def dequantize_gptq(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                     g_idx: torch.Tensor, bits: int, *, v1: bool = False) -> torch.Tensor:
     """Packed GPTQ tensors (layout above) -> weight float32 [K, N] (input-major, ``x @ W``)."""
-    k, n = check_gptq_tensors(qweight, scales, qzeros, g_idx, bits)
+    check_gptq_tensors(qweight, scales, qzeros, g_idx, bits)
+    check_g_idx(g_idx, scales.shape[0])
+    return dequantize_unchecked(qweight, scales, qzeros, g_idx, bits, v1=v1)
+
+
+def check_g_idx(g_idx: torch.Tensor, groups: int) -> None:
+    """g_idx values must index the ``groups`` rows of scales/qzeros."""
+    g = g_idx.long()
+    if g.numel() and (int(g.min()) < 0 or int(g.max()) >= groups):
+        raise ValueError(f"g_idx values must lie in [0, {groups}), got [{int(g.min())}, {int(g.max())}]")
+
+
+def dequantize_unchecked(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                         g_idx: torch.Tensor, bits: int, *, v1: bool = False) -> torch.Tensor:
+    """``dequantize_gptq`` without its checks and without data-dependent branches, so it traces
+    under torch.compile; for tensors already checked (``QuantLinear.prepare``)."""
+    k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
     codes = unpack_along_rows(qweight, bits, k)                                  # [K, N]
     zeros = unpack_along_rows(qzeros.t(), bits, n).t()                           # [G, N]
     if v1:
         zeros = (zeros + 1) & ((1 << bits) - 1)
     g = g_idx.long()
-    if g.numel() and (int(g.min()) < 0 or int(g.max()) >= scales.shape[0]):
-        raise ValueError(f"g_idx values must lie in [0, {scales.shape[0]}), got "
-                         f"[{int(g.min())}, {int(g.max())}]")
     return scales.float()[g] * (codes - zeros[g]).float()                        # [K, N]
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from checkpoint_fixture import tiny_model, token_ids
 from gptq_lab.kernels import ops
+from gptq_lab.kernels.reference import dequantize_unchecked as unpack_dequantize
 from test_qlinear import reference_output, rtn_layer
 
 from gptq_lab import QuantConfig, UnsupportedModelError, convert, quantize_model, save
@@ -23,7 +24,7 @@ from gptq_lab.generate import (
     measure_decode,
     prepare_model,
 )
-from gptq_lab.qlinear import QuantLinear, quant_linears, unpack_dequantize
+from gptq_lab.qlinear import QuantLinear, quant_linears
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
