@@ -51,6 +51,14 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf", help="load the model from this GGUF file instead of the cache")
 
 
+def parse(p: argparse.ArgumentParser):
+    """Parse the options -> (args, sizes, windows, load); load is None after --save-windows."""
+    args = p.parse_args()
+    sizes = QUICK if args.quick else FULL
+    windows, load = windows_and_loader(args, sizes)
+    return args, sizes, windows, load
+
+
 def windows_and_loader(args, sizes: dict):
     """(windows dict, load()) from the options; None for load after --save-windows."""
     if args.windows:
@@ -91,9 +99,7 @@ def main() -> None:
     p.add_argument("--bits", type=int, default=4, help="GPTQ bits (g128 sym), default 4")
     p.add_argument("--part", choices=("all", "matrix", "sweep"), default="all",
                    help="the cross-domain matrix, the sample-count sweep, or both (default)")
-    args = p.parse_args()
-    sizes = QUICK if args.quick else FULL
-    windows, load = windows_and_loader(args, sizes)
+    args, sizes, windows, load = parse(p)
     if load is None:
         return
     t0 = time.perf_counter()

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from calibration_study import FULL, QUICK, add_common_args, device_line, emit, windows_and_loader
+from calibration_study import add_common_args, device_line, emit, parse
 
 from gptq_lab import QuantConfig
 from gptq_lab.hessians import collect_hessians
@@ -43,9 +43,7 @@ def main() -> None:
     p.add_argument("--kl", action="store_true", help="also measure KL per (layer, bits) and plan from it")
     p.add_argument("--skip-uniform", action="store_true",
                    help="no uniform 3/4-bit rows (they equal protocol.py's GPTQ 3b/4b g128 rows)")
-    args = p.parse_args()
-    sizes = QUICK if args.quick else FULL
-    windows, load = windows_and_loader(args, sizes)
+    args, sizes, windows, load = parse(p)
     if load is None:
         return
     t0 = time.perf_counter()
