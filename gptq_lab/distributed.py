@@ -11,23 +11,27 @@ changes. Inside:
 - each rank accumulates Hessian *sums* (sum of x x^T and the token count) for its share; the
   sums and counts are all-reduced, so every rank holds the Hessian of the whole calibration
   set (the same as one process, up to the order of floating-point additions);
-- each layer's solve is split across ranks by output rows (GPTQ treats rows independently:
-  every row sees the same Hessian), and each rank's rows are broadcast to all, so every rank
-  continues with the same quantized block. This spreads every solve, including a block's
-  single-layer groups (o_proj, down_proj), over all ranks.
-Without an initialised process group (or with one rank) every function here is a no-op.
+- the layers that share that Hessian (a true-sequential group such as q/k/v or up/gate; the
+  whole block without true_sequential) are dealt out whole to ranks (``assign``: greedy
+  longest-processing-time on ``layer_cost``). Each rank solves its own layers with the full
+  Hessian, exactly as one process does (bitwise, given the Hessian), and each result is then
+  broadcast from its owner (``solve_layers``), so every rank continues with the same quantized
+  block. A group of one layer (o_proj, down_proj) runs on one rank while the others wait; with
+  more ranks than layers in a group, some ranks idle. A NumericalError of a solve is raised on
+  every rank.
+Any number of ranks works (1, 2, 3, ...). Without an initialised process group (or with one
+rank) nothing is communicated.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from .config import QuantConfig
-from .errors import CalibrationError, ConfigError
+from .errors import CalibrationError, ConfigError, NumericalError
 from .gptq import GPTQResult, HessianAccumulator
-from .gptq import solve as gptq_solve
 
 
 def world() -> tuple[int, int]:
@@ -71,34 +75,81 @@ def all_reduce_hessian(acc: HessianAccumulator) -> None:
     acc.n_rows = int(n.item())
 
 
-def solve(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig,
-          solve_one: Callable[..., GPTQResult] = gptq_solve) -> GPTQResult:
-    """``solve_one`` (gptq.solve) of ``weight`` [N, K], rows split across ranks, the result on every rank."""
+def layer_cost(out_features: int, in_features: int) -> float:
+    """Estimated solve time of a weight [N, K], in arbitrary units: the lazy updates of the
+    column loop (K * K * N) plus the factorisation of the Hessian (K^3 / 3)."""
+    n, k = out_features, in_features
+    return k * k * n + k ** 3 / 3
+
+
+def assign(costs: list[float], size: int) -> list[int]:
+    """The owner rank (in [0, size)) of each item: greedy longest-processing-time. Items in
+    decreasing cost (ties: in list order) each go to the least-loaded rank (ties: the lowest).
+    Pure and deterministic, so every rank computes the same assignment."""
+    loads = [0.0] * size
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        rank = min(range(size), key=loads.__getitem__)
+        owners[i] = rank
+        loads[rank] += costs[i]
+    return owners
+
+
+def solve_layers(weights: dict[str, torch.Tensor],
+                 solve_one: Callable[[str, torch.Tensor], GPTQResult]) -> dict[str, GPTQResult]:
+    """name -> ``solve_one(name, weight)`` for layers that share one Hessian, each solved on one
+    rank; every rank gets every result, in the order of ``weights``.
+
+    weights: name -> [N, K] on this rank's device (the device that carries the broadcasts: CUDA
+    under NCCL). solve_one holds the Hessian and the config; it runs only on the layer's owner.
+    """
     rank, size = world()
     if size == 1:
-        return solve_one(weight, hessian, config)
-    n = weight.shape[0]
-    start, stop = share(n, rank, size)
-    mine = solve_one(weight[start:stop], hessian, config)
-    parts = {"codes": [], "scales": [], "zeros": [], "losses": []}
-    for src in range(size):
-        a, b = share(n, src, size)
-        k, g = mine.codes.shape[1], mine.scales.shape[1]
-        dev = mine.codes.device
-        tensors = {"codes": mine.codes, "scales": mine.scales, "zeros": mine.zeros,
-                   "losses": mine.column_loss[None]} if src == rank else {
-            "codes": torch.empty(b - a, k, dtype=mine.codes.dtype, device=dev),
-            "scales": torch.empty(b - a, g, dtype=mine.scales.dtype, device=dev),
-            "zeros": torch.empty(b - a, g, dtype=mine.zeros.dtype, device=dev),
-            "losses": torch.empty(1, k, dtype=mine.column_loss.dtype, device=dev)}
-        for key, t in tensors.items():
-            t = t.contiguous()
-            if b > a or key == "losses":
-                dist.broadcast(t, src=src)
-            parts[key].append(t)
-    return GPTQResult(
-        codes=torch.cat(parts["codes"]), scales=torch.cat(parts["scales"]), zeros=torch.cat(parts["zeros"]),
-        g_idx=mine.g_idx, column_loss=torch.cat(parts["losses"]).sum(0), perm=mine.perm,
-        damp_used=mine.damp_used, damp_escalations=mine.damp_escalations,
-        dead_channels=mine.dead_channels, condition_number=mine.condition_number, bits=mine.bits,
-        group_size=mine.group_size, sym=mine.sym, notes=mine.notes)
+        return {name: solve_one(name, w) for name, w in weights.items()}
+    names = list(weights)
+    owners = assign([layer_cost(*w.shape) for w in weights.values()], size)
+    mine: dict[str, GPTQResult] = {}
+    error = None
+    try:
+        for name, owner in zip(names, owners):
+            if owner == rank:
+                mine[name] = solve_one(name, weights[name])
+    except NumericalError as e:          # raised below on every rank, or the others would wait forever
+        error = e
+    described: list = [None] * size
+    dist.all_gather_object(described, str(error) if error else {n: _describe(r) for n, r in mine.items()})
+    failed = [d for d in described if isinstance(d, str)]
+    if failed:
+        raise error if error else NumericalError(failed[0])
+    fields = {name: d[name] for d in described for name in d}
+    device = next(iter(weights.values())).device
+    return {name: _broadcast(fields[name], mine.get(name), owner, device)
+            for name, owner in zip(names, owners)}
+
+
+class _Spec(NamedTuple):
+    """A tensor field of a result, as sent ahead of the tensor itself."""
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    on_cpu: bool
+
+
+def _describe(result: GPTQResult) -> dict:
+    """The result's fields, each tensor replaced by its _Spec (small, picklable)."""
+    return {f: _Spec(tuple(v.shape), v.dtype, v.device.type == "cpu") if isinstance(v, torch.Tensor) else v
+            for f, v in vars(result).items()}
+
+
+def _broadcast(fields: dict, result: GPTQResult | None, owner: int, device: torch.device) -> GPTQResult:
+    """The owner's ``result`` on every rank: each tensor broadcast from the owner (on ``device``),
+    the other fields from ``fields``. The owner gets its own object back."""
+    received = {}
+    for f, spec in fields.items():
+        if not isinstance(spec, _Spec):
+            received[f] = spec
+            continue
+        t = (getattr(result, f).to(device).contiguous() if result is not None
+             else torch.empty(spec.shape, dtype=spec.dtype, device=device))
+        dist.broadcast(t.view(torch.uint8) if t.dtype == torch.bool else t, src=owner)
+        received[f] = t.cpu() if spec.on_cpu else t
+    return result if result is not None else GPTQResult(**received)

@@ -343,7 +343,7 @@ def quantize_block(block: nn.Module, family, inputs: Inputs, config_for: Callabl
     put before a linear's name in errors and warnings. device/dtype: where and in what each batch
     of ``inputs`` runs (moved one batch at a time; None: as they are); store: where the outputs
     are kept (None: where they were computed). Under torch.distributed, each rank passes its
-    share of the calibration; Hessians are summed over ranks and solves split across them.
+    share of the calibration; Hessians are summed over ranks and each layer is solved on one rank.
     """
     linears = block_linears(block, family)
     results: dict[str, GPTQResult] = {}
@@ -352,16 +352,20 @@ def quantize_block(block: nn.Module, family, inputs: Inputs, config_for: Callabl
         with timer("hessian"):
             distributed.all_reduce_hessian(acc)
             hessian = acc.hessian()
-        for name in group:
-            mod = linears[name]
-            weight = masters[name] if masters is not None else weight_matrix(mod)
+
+        def solve_one(name, weight):
             with timer("solve"), _layer_named(prefix + name):
-                res = distributed.solve(weight, hessian, config_for(name), solve)
+                return solve(weight, hessian, config_for(name))
+
+        weights = {n: masters[n] if masters is not None else weight_matrix(linears[n]) for n in group}
+        with timer("solve"):                  # under torch.distributed: each layer on one rank, then shared
+            solved = distributed.solve_layers(weights, solve_one)
+        for name, res in solved.items():
             if bool(res.dead_channels.all()):
                 warnings.warn(f"{prefix}{name}: every input channel was zero for this calibration, so GPTQ "
                               f"has no information and quantized the layer to zero (result.notes records "
                               f"it); check the calibration data or the layer's preceding norm", stacklevel=2)
-            set_weight_matrix(mod, res.dequantize())
+            set_weight_matrix(linears[name], res.dequantize())
             results[name] = res
 
     def run(batch):

@@ -1,5 +1,6 @@
 """torch.distributed: 2 and 3 CPU processes (gloo) give the single-process result to floating-point
-tolerance; the row split of a solve is exact; the benchmark runs under torchrun (smoke test)."""
+tolerance; layers dealt out to ranks are solved bitwise as one process solves them; the
+assignment is a balanced pure function; the benchmark runs under torchrun (smoke test)."""
 from __future__ import annotations
 
 import itertools
@@ -14,8 +15,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import transformers as tf
 
-from gptq_lab import QuantConfig, quantize_model, solve
-from gptq_lab.distributed import share
+from gptq_lab import NumericalError, QuantConfig, quantize_model, solve
+from gptq_lab.distributed import assign, layer_cost, share, solve_layers
+from gptq_lab.gptq import one_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = QuantConfig(bits=4, group_size=32)
@@ -52,7 +54,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("world", [3])        # uneven shares of samples and rows; 2 runs in the torchrun test
+@pytest.mark.parametrize("world", [3])        # uneven shares of samples and layers; 2 runs in the torchrun test
 def test_ranks_agree_with_one_process(tmp_path, world):
     out = str(tmp_path / "results")
     mp.spawn(_worker, args=(world, _free_port(), out), nprocs=world, join=True)
@@ -81,18 +83,79 @@ def test_shares_cover_every_item_once():
             assert max(b - a for a, b in spans) - min(b - a for a, b in spans) <= 1
 
 
-def test_a_row_split_solve_equals_the_whole_solve():
-    """What each rank computes: GPTQ treats rows independently, so row blocks concatenate."""
+def layer_inputs():
+    """A Hessian [64, 64] and layers of different heights sharing it (as q/k/v or up/gate do)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 64, generator=g) @ torch.randn(64, 64, generator=g)
     h = 2 * x.T @ x / 256
-    w = torch.randn(40, 64, generator=g)
-    cfg = QuantConfig(bits=3, group_size=16, act_order=True)
-    whole = solve(w, h, cfg)
-    parts = [solve(w[a:b], h, cfg) for a, b in (share(40, r, 3) for r in range(3))]
-    codes = torch.cat([p.codes for p in parts])
-    assert (codes == whole.codes).float().mean() > 0.999
-    torch.testing.assert_close(sum(p.column_loss for p in parts), whole.column_loss, rtol=1e-4, atol=1e-7)
+    return h, {f"l{i}": torch.randn(n, 64, generator=g) for i, n in enumerate((40, 24, 40, 8, 16))}
+
+
+SOLVE_CONFIG = QuantConfig(bits=3, group_size=16, act_order=True)
+
+
+def _solve_worker(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        h, weights = layer_inputs()
+        solved = {}
+        for n in (5, 2):                                  # 2 layers on 3 ranks: one rank idles
+            layers = dict(list(weights.items())[:n])
+            solved[n] = solve_layers(layers, lambda name, w: solve(w, h, SOLVE_CONFIG))
+        weights["l1"] = weights["l1"].clone()
+        weights["l1"][3, 5] = float("nan")                # fails on l1's owner only
+        try:
+            solve_layers(weights, lambda name, w: solve(w, h, SOLVE_CONFIG))
+            error = None
+        except NumericalError as e:
+            error = str(e)
+        torch.save({"solved": {n: {k: vars(r) for k, r in s.items()} for n, s in solved.items()}, "error": error},
+                   f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_layers_dealt_to_ranks_are_solved_bitwise_as_in_one_process(tmp_path):
+    world = 3
+    out = str(tmp_path / "solved")
+    mp.spawn(_solve_worker, args=(world, _free_port(), out), nprocs=world, join=True)
+    h, weights = layer_inputs()
+    with one_thread():                                        # as the workers: BLAS sums in one order
+        refs = {name: vars(solve(w, h, SOLVE_CONFIG)) for name, w in weights.items()}
+    for rank in range(world):
+        got = torch.load(f"{out}.{rank}")
+        assert got["error"] is not None and "NaN or Inf" in got["error"], (rank, got["error"])
+        for n, solved in got["solved"].items():
+            assert list(solved) == list(weights)[:n]
+            for name, fields in solved.items():
+                ref = refs[name]
+                assert fields.keys() == ref.keys()
+                for f, v in ref.items():
+                    same = torch.equal(fields[f], v) if isinstance(v, torch.Tensor) else fields[f] == v
+                    assert same, (rank, n, name, f)
+
+
+def test_assignment_is_longest_processing_time_first():
+    assert assign([3, 3, 2, 2, 2], 2) == [0, 1, 0, 1, 0]
+    assert assign([1, 5], 3) == [1, 0]                        # more ranks than items: rank 2 idles
+    assert assign([7, 7, 7], 3) == [0, 1, 2]                  # q/k/v over 3 ranks
+    assert assign([7, 7, 7], 1) == [0, 0, 0]
+    assert assign([], 4) == []
+    q, up, down = layer_cost(4096, 4096), layer_cost(11008, 4096), layer_cost(4096, 11008)
+    assert q < up < down
+
+
+def test_assignment_is_balanced_for_any_number_of_ranks():
+    g = torch.Generator().manual_seed(0)
+    for size in range(1, 6):
+        for n in range(9):
+            costs = (torch.rand(n, generator=g) * 10).tolist()
+            owners = assign(costs, size)
+            assert len(owners) == n and all(0 <= r < size for r in owners)
+            loads = [sum(c for c, r in zip(costs, owners) if r == rank) for rank in range(size)]
+            if costs:                                         # the greedy bound: mean load + largest item
+                assert max(loads) <= sum(costs) / size + max(costs) + 1e-9
 
 
 def test_the_benchmark_runs_under_torchrun_on_cpu(tmp_path):
