@@ -42,7 +42,7 @@ from .arch import (
 )
 from .config import QuantConfig
 from .errors import CalibrationError, ConfigError, NumericalError, UnsupportedModelError
-from .gptq import GPTQResult, HessianAccumulator, rtn_result, solve
+from .gptq import GPTQResult, HessianAccumulator, inverse_factor, rtn_result, solve
 from .progress import Progress
 from .progress import resolve as resolve_progress
 from .resume import ResumeError, RunState, fingerprint, module_digest
@@ -353,9 +353,15 @@ def quantize_block(block: nn.Module, family, inputs: Inputs, config_for: Callabl
             distributed.all_reduce_hessian(acc)
             hessian = acc.hessian()
 
+        factors = {}                          # the group's layers share one Hessian: factor it once
+
         def solve_one(name, weight):
+            cfg = config_for(name)
             with timer("solve"), _layer_named(prefix + name):
-                return solve(weight, hessian, config_for(name))
+                key = (cfg.damp, cfg.act_order)
+                if key not in factors:
+                    factors[key] = inverse_factor(hessian.to(weight.device), cfg.damp, cfg.act_order)
+                return solve(weight, hessian, cfg, factors[key])
 
         weights = {n: masters[n] if masters is not None else weight_matrix(linears[n]) for n in group}
         with timer("solve"):                  # under torch.distributed: each layer on one rank, then shared
