@@ -11,8 +11,10 @@ built on the meta device and materialised in CPU memory (no default init: second
 minutes); it stays there, and the pipeline moves one block at a time to the device. Calibration:
 128 windows of 2048 random token ids. Phases (exclusive wall time, torch.cuda.synchronize at
 every boundary): capture inputs, move weights (block copy to the device, fake-quantized
-weights and results back), forward, hessian, solve, save state (with --resume-dir), packing
-(convert: GPTQ-packed QuantLinears, on the CPU). With --layers N < 32 the per-block phases
+weights and results back), forward, hessian, solve (under torchrun: including the broadcast
+of each layer's result from the rank that solved it), save state (with --resume-dir), packing
+(codes and zeros packed on the device after each solve, by the layer's owner; then convert:
+QuantLinears around the packed tensors, on rank 0). With --layers N < 32 the per-block phases
 are also extrapolated to 32 blocks (printed as such). The table goes to stdout and, if $OUT is
 set, to $OUT/quantize_speed_<tag>.txt.
 """

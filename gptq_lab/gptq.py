@@ -20,7 +20,7 @@ import torch
 
 from .config import QuantConfig
 from .errors import NumericalError
-from .quant import compute_qparams, maxq, rtn
+from .quant import compute_qparams, maxq, pack_qweight, pack_qzeros, rtn, values_per_run
 
 # Damping is raised by this factor, at most this many times, when Cholesky fails.
 DAMP_ESCALATION = 10.0
@@ -85,6 +85,8 @@ class GPTQResult:
     group_size: int
     sym: bool
     notes: list[str] = field(default_factory=list)
+    qweight: torch.Tensor | None = None   # [K * bits / 32, N] int32: codes in the checkpoint layout,
+    qzeros: torch.Tensor | None = None    # [G, N * bits / 32] int32: true zeros; both set by pack()
 
     @property
     def loss(self) -> float:
@@ -94,6 +96,16 @@ class GPTQResult:
     def dequantize(self) -> torch.Tensor:
         g = self.g_idx.long().to(self.scales.device)
         return self.scales[:, g] * (self.codes.float() - self.zeros[:, g].float())
+
+    def pack(self) -> GPTQResult:
+        """Set ``qweight`` and ``qzeros`` (QuantLinear's layout, packed on the codes' device) when
+        K and N are multiples of ``values_per_run(bits)``; otherwise leave them None. -> self."""
+        n, k = self.codes.shape
+        per = values_per_run(self.bits)
+        if k % per == 0 and n % per == 0:
+            self.qweight = pack_qweight(self.codes, self.bits)                          # [K*b/32, N]
+            self.qzeros = pack_qzeros(self.zeros, self.bits, v1=False)                  # [G, N*b/32]
+        return self
 
     def to(self, device: torch.device | str) -> GPTQResult:
         """The same result with every tensor on ``device``."""

@@ -16,7 +16,9 @@ That is exactly true-sequential GPTQ at the cost of one pass per block. With
 batches that stops as soon as the group has seen its input, plus a final pass.
 
 The model is left fake-quantized (float weights on the quantization grid); the
-returned ``GPTQResult``s hold codes, scales, zeros and diagnostics for packing.
+returned ``GPTQResult``s hold codes, scales, zeros and diagnostics, and the codes and
+zeros already packed in the checkpoint layout (``qweight``/``qzeros``, packed on the
+device right after each solve), so ``convert`` only wraps them.
 """
 from __future__ import annotations
 
@@ -361,7 +363,9 @@ def quantize_block(block: nn.Module, family, inputs: Inputs, config_for: Callabl
                 key = (cfg.damp, cfg.act_order)
                 if key not in factors:
                     factors[key] = inverse_factor(hessian.to(weight.device), cfg.damp, cfg.act_order)
-                return solve(weight, hessian, cfg, factors[key])
+                res = solve(weight, hessian, cfg, factors[key])
+            with timer("packing"):            # on the solve's device, by the layer's owner
+                return res.pack()
 
         weights = {n: masters[n] if masters is not None else weight_matrix(linears[n]) for n in group}
         with timer("solve"):                  # under torch.distributed: each layer on one rank, then shared

@@ -25,6 +25,7 @@ double the weights' memory); such a layer still runs but can no longer be saved 
 """
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections import Counter
@@ -39,7 +40,7 @@ from .errors import NumericalError, UnsupportedModelError
 from .gptq import GPTQResult
 from .kernels import ops as kernel_ops
 from .kernels import triton_pack
-from .quant import group_index, pack_qweight, pack_qzeros
+from .quant import group_index
 
 CONFIG_ATTR = "gptq_config"   # convert() and io.load() record the QuantConfig on the model here
 
@@ -85,9 +86,10 @@ class QuantLinear(nn.Module):
         layer = cls(k, n, result.bits, result.group_size, result.sym, bias is not None, device="meta")
         scales = result.scales.detach().t().float()                                     # [G, N]
         _check_fp16_range(scales)
+        packed = result if result.qweight is not None else copy.copy(result).pack()    # on its device
         buffers = {
-            "qweight": pack_qweight(result.codes.cpu(), result.bits),                   # [K*b/32, N]
-            "qzeros": pack_qzeros(result.zeros.cpu(), result.bits, v1=False),           # [G, N*b/32]
+            "qweight": packed.qweight,                                                  # [K*b/32, N]
+            "qzeros": packed.qzeros,                                                    # [G, N*b/32]
             "scales": scales.half().contiguous(),
             "g_idx": result.g_idx.to(torch.int32).cpu(),
         }

@@ -84,12 +84,17 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int, sym: bool):
 
 # ---------------------------------------------------------------- packing
 
+def values_per_run(bits: int) -> int:
+    """Values in the shortest run of whole int32 words: 32 for 3-bit (3 words), 32 // bits else."""
+    return 32 if bits == 3 else 32 // bits
+
+
 def packed_length(length: int, bits: int) -> int:
     """int32 words holding ``length`` values of ``bits`` bits (length must be a multiple of 32
     for 3-bit, of 32 // bits otherwise). ConfigError for other bits or lengths."""
     if isinstance(bits, bool) or bits not in (2, 3, 4, 8):
         raise ConfigError(f"bits={bits!r} cannot be packed; the GPTQ format packs 2, 3, 4 or 8 bits")
-    per = 32 if bits == 3 else 32 // bits
+    per = values_per_run(bits)
     if length % per:
         raise ConfigError(f"{length} values of {bits} bits do not fill whole int32 words; "
                           f"the length must be a multiple of {per}")
@@ -97,37 +102,33 @@ def packed_length(length: int, bits: int) -> int:
 
 
 def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """values [R, L] ints in [0, 2**bits) -> int32 [R, L * bits / 32], bit stream along L."""
+    """values [R, L] ints in [0, 2**bits) -> int32 [R, L * bits / 32], bit stream along L.
+
+    Runs on the values' device in whole-tensor ops (a loop over the at most 3 words of a run,
+    none over rows); int64 temporaries of about 2 x 8 bytes per value."""
     _check_matrix(values, "values")
     r, length = values.shape
     words_n = packed_length(length, bits)
     if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
         raise ConfigError(f"values to pack must be integer codes, got {values.dtype}; round and cast first")
-    if values.numel() and (int(values.min()) < 0 or int(values.max()) > maxq(bits)):
-        raise ConfigError(f"values to pack must lie in [0, {maxq(bits)}] for bits={bits}, found "
-                          f"[{int(values.min())}, {int(values.max())}]")
     if values.numel() == 0:
-        return torch.zeros(r, words_n, dtype=torch.int32)
-    if length % 32:
-        words = _pack_short(values, bits)
-    else:
-        v = values.to(torch.int64).reshape(r, length // 32, 32)  # [R, chunks, 32]
-        words = torch.zeros(r, v.shape[1], bits, dtype=torch.int64)
-        for k in range(32):
-            w, off = divmod(bits * k, 32)
-            words[:, :, w] |= (v[:, :, k] << off) & 0xFFFFFFFF
-            if off + bits > 32:
-                words[:, :, w + 1] |= v[:, :, k] >> (32 - off)
-        words = words.reshape(r, words_n)
+        return torch.zeros(r, words_n, dtype=torch.int32, device=values.device)
+    low, high = (int(x) for x in torch.aminmax(values))
+    if low < 0 or high > maxq(bits):
+        raise ConfigError(f"values to pack must lie in [0, {maxq(bits)}] for bits={bits}, found [{low}, {high}]")
+    per = values_per_run(bits)
+    start = [bits * i for i in range(per)]                  # first bit of each value in its run
+    v = values.to(torch.int64).reshape(r, length // per, per)                      # [R, C, per]
+    shift = torch.tensor([b % 32 for b in start], device=values.device)
+    lows = (v << shift) & 0xFFFFFFFF                        # each value's bits in its first word
+    run = per * bits // 32                                   # words per run
+    cut = [-(-32 * w // bits) for w in range(run + 1)]      # values [cut[w], cut[w+1]) start in word w
+    words = torch.stack([lows[:, :, cut[w]:cut[w + 1]].sum(-1) for w in range(run)], -1)  # [R, C, run]
+    for i in range(per):                                    # 3-bit: 2 values straddle two words
+        if start[i] % 32 + bits > 32:
+            words[:, :, start[i] // 32 + 1] += v[:, :, i] >> (32 - start[i] % 32)
+    words = words.reshape(r, words_n)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
-def _pack_short(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Bit stream for lengths that are not a multiple of 32 (bits 2, 4, 8 only)."""
-    per = 32 // bits
-    v = values.to(torch.int64).reshape(values.shape[0], -1, per)
-    shifts = torch.arange(per, dtype=torch.int64) * bits
-    return (v << shifts).sum(-1)
 
 
 def unpack_rows(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:

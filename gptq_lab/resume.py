@@ -6,12 +6,13 @@
     state.save(i, block_results, hiddens, block_digest)
 
 The directory holds, for each finished block i, ``block_{i:04d}.safetensors`` (its GPTQResults'
-tensors: codes, scales, zeros, g_idx, column_loss, perm, dead_channels), the inputs of the next
-block (``hidden_{i+1:04d}.safetensors``, one tensor per calibration batch; the other forward
-kwargs (masks, rotary embeddings) are recomputed from the calibration on resume, they are the
-same for every block), and ``state.json`` (the fingerprint, the scalars of each result, every
-file's size and CRC-32). Each file is written to a temporary sibling and renamed into place,
-``state.json`` last, so a run killed at any instant leaves the previous consistent state.
+tensors: codes, scales, zeros, g_idx, column_loss, perm, dead_channels, and qweight/qzeros when
+packed), the inputs of the next block (``hidden_{i+1:04d}.safetensors``, one tensor per
+calibration batch; the other forward kwargs (masks, rotary embeddings) are recomputed from the
+calibration on resume, they are the same for every block), and ``state.json`` (the
+fingerprint, the scalars of each result, every file's size and CRC-32). Each file is written
+to a temporary sibling and renamed into place, ``state.json`` last, so a run killed at any
+instant leaves the previous consistent state.
 
 A state whose fingerprint (config, method, compute dtype, device type, batch size, calibration
 ids, a sample of every parameter) differs from the run's, or whose files do not match their
@@ -37,7 +38,7 @@ from .gptq import GPTQResult
 
 STATE_NAME = "state.json"
 VERSION = 1
-_TENSORS = ("codes", "scales", "zeros", "g_idx", "column_loss", "perm", "dead_channels")
+_TENSORS = ("codes", "scales", "zeros", "g_idx", "column_loss", "perm", "dead_channels", "qweight", "qzeros")
 _SCALARS = ("damp_used", "damp_escalations", "condition_number", "bits", "group_size", "sym", "notes")
 
 

@@ -18,6 +18,7 @@ import transformers as tf
 from gptq_lab import NumericalError, QuantConfig, quantize_model, solve
 from gptq_lab.distributed import assign, layer_cost, share, solve_layers
 from gptq_lab.gptq import one_thread
+from gptq_lab.quant import pack_qweight, pack_qzeros
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = QuantConfig(bits=4, group_size=32)
@@ -41,7 +42,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         model = tiny()
         results = quantize_model(model, calib(), CONFIG, device="cpu", progress=False,
                                  compute_dtype=torch.float32)
-        torch.save({n: (r.codes, r.scales, r.zeros, r.column_loss) for n, r in results.items()},
+        torch.save({n: (r.codes, r.scales, r.zeros, r.column_loss, r.qweight, r.qzeros) for n, r in results.items()},
                    f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -61,7 +62,8 @@ def test_ranks_agree_with_one_process(tmp_path, world):
     single = quantize_model(tiny(), calib(), CONFIG, device="cpu", progress=False, compute_dtype=torch.float32)
     ranks = [torch.load(f"{out}.{r}") for r in range(world)]
     for name, ref in single.items():
-        codes, scales, _zeros, loss = ranks[0][name]
+        codes, scales, zeros, loss, qweight, qzeros = ranks[0][name]
+        assert torch.equal(qweight, pack_qweight(codes, 4)) and torch.equal(qzeros, pack_qzeros(zeros, 4, v1=False))
         for other in ranks[1:]:                       # every rank continues with the same block
             assert all(torch.equal(a, b) for a, b in zip(ranks[0][name], other[name])), name
         # The Hessian sums come in another order: a last-ulp difference flips a few rounding

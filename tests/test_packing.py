@@ -1,4 +1,7 @@
-"""Bit packing of the GPTQ format: round trips, and agreement with an independent packer."""
+"""Bit packing of the GPTQ format: round trips, agreement with an independent packer and with
+the previous (loop) packer."""
+import itertools
+
 import pytest
 import torch
 from checkpoint_fixture import pack_columns, pack_stream
@@ -79,3 +82,41 @@ def to_signed(w):
 def test_lengths_that_do_not_fill_words_are_refused(bits, length):
     with pytest.raises(ValueError, match="multiple of"):
         packed_length(length, bits)
+
+
+def loop_pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """The packer this project shipped before the vectorised one (commit 385e96b), kept as an
+    oracle: a loop over the 32 values of a 32-value run, or shifts and a sum for short rows."""
+    r, length = values.shape
+    v64 = values.to(torch.int64)
+    if length % 32:
+        per = 32 // bits
+        words = (v64.reshape(r, -1, per) << torch.arange(per, dtype=torch.int64) * bits).sum(-1)
+    else:
+        v = v64.reshape(r, length // 32, 32)
+        words = torch.zeros(r, v.shape[1], bits, dtype=torch.int64)
+        for k in range(32):
+            w, off = divmod(bits * k, 32)
+            words[:, :, w] |= (v[:, :, k] << off) & 0xFFFFFFFF
+            if off + bits > 32:
+                words[:, :, w + 1] |= v[:, :, k] >> (32 - off)
+        words = words.reshape(r, length * bits // 32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.int64])
+def test_pack_rows_is_bitwise_the_previous_packer(bits, dtype, device):
+    gen = torch.Generator().manual_seed(bits)
+    lengths = [32, 96, 4096] + ([] if bits == 3 else [32 // bits, 3 * 32 // bits])   # short rows too
+    for rows, length in itertools.product((1, 5, 64), lengths):
+        codes = torch.randint(0, 1 << bits, (rows, length), generator=gen).to(dtype)
+        codes[0, :2] = (1 << bits) - 1                                               # the sign bit set
+        packed = pack_rows(codes.to(device), bits)
+        assert packed.device.type == device and packed.dtype == torch.int32
+        assert torch.equal(packed.cpu(), loop_pack_rows(codes, bits)), (rows, length)
+        assert torch.equal(pack_qweight(codes.to(device), bits).cpu(), loop_pack_rows(codes, bits).t())

@@ -5,6 +5,7 @@ import transformers as tf
 
 from gptq_lab import ConfigError, QuantConfig, UnsupportedModelError, quantize_model
 from gptq_lab.pipeline import linear_names
+from gptq_lab.quant import pack_qweight, pack_qzeros
 
 H, FF, V, CTX = 64, 128, 96, 64
 
@@ -56,6 +57,8 @@ def test_every_family_quantizes_end_to_end(family):
         actual = w.t() if family == "gpt2" else w
         torch.testing.assert_close(actual, expected.to(w.dtype), rtol=0, atol=1e-6)
         assert res.codes.max() <= 15
+        assert torch.equal(res.qweight, pack_qweight(res.codes, 4)), name              # packed after the solve
+        assert torch.equal(res.qzeros, pack_qzeros(res.zeros, 4, v1=False)), name
     with torch.no_grad():
         out = model(held_out).logits
     assert torch.isfinite(out).all()
