@@ -39,6 +39,7 @@ from .arch import (
     family_of,
     get_blocks,
     in_out_features,
+    is_conv1d,
     set_weight_matrix,
     weight_matrix,
 )
@@ -218,15 +219,34 @@ def _default_compute_dtype(model: nn.Module, device: torch.device) -> torch.dtyp
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
-def block_to(block: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def block_to(block: nn.Module, device: torch.device, dtype: torch.dtype,
+             moved: dict[int, torch.Tensor] | None = None) -> nn.Module:
     """A copy of ``block`` on ``device``, floating parameters and buffers cast to ``dtype``.
-    Each tensor is copied straight to ``device`` (no intermediate CPU copy of the block, so
-    memory-mapped weights are read once)."""
+    Each tensor crosses to ``device`` once, in its own dtype, and is cast there: a plain copy
+    (a blocking ``.to(cuda, dtype)`` would convert on the CPU first, and an fp16 -> fp32 cast
+    doubles the bytes sent), no intermediate CPU copy of the block (memory-mapped weights are
+    read once). moved: if given, filled with id(tensor of ``block``) -> its copy on ``device``
+    before the cast."""
     memo: dict = {}
     for t in itertools.chain(block.parameters(), block.buffers()):
-        moved = t.detach().to(device, dtype if t.is_floating_point() else t.dtype, copy=True)
-        memo[id(t)] = nn.Parameter(moved, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else moved
+        on_device = t.detach().to(device, copy=True)
+        if moved is not None:
+            moved[id(t)] = on_device
+        cast = on_device.to(dtype) if t.is_floating_point() else on_device
+        memo[id(t)] = nn.Parameter(cast, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else cast
     return copy.deepcopy(block, memo)
+
+
+def _masters(linears: dict[str, nn.Module], moved: dict[int, torch.Tensor], dtype: torch.dtype):
+    """name -> float32 [out, in] weight on the device, made there from block_to's ``moved``
+    copies: the moved tensor itself when it is float32 and the working copy is another dtype,
+    else a float32 copy (never the working copy's storage, which the solves overwrite)."""
+    masters = {}
+    for name, mod in linears.items():
+        w = moved[id(mod.weight)]
+        w = w.t() if is_conv1d(mod) else w                                           # [out, in]
+        masters[name] = w if w.dtype == torch.float32 and dtype != torch.float32 else w.to(torch.float32, copy=True)
+    return masters
 
 
 def _quantize_block_copy(block, family, inputs, device, dtype, config, block_name, store=None,
@@ -235,8 +255,10 @@ def _quantize_block_copy(block, family, inputs, device, dtype, config, block_nam
     the original block only once the whole block succeeded. Results come back on the CPU."""
     originals = block_linears(block, family)
     with timer("move weights"):
-        masters = {n: weight_matrix(m).detach().to(device, torch.float32, copy=True) for n, m in originals.items()}
-        work = block_to(block, device, dtype)
+        moved: dict[int, torch.Tensor] = {}
+        work = block_to(block, device, dtype, moved)
+        masters = _masters(originals, moved, dtype)
+        del moved
     try:
         layer_results, outputs = quantize_block(
             work, family, inputs, lambda n: config.for_module(f"{block_name}.{n}"),

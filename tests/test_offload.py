@@ -8,7 +8,8 @@ import torch
 import transformers as tf
 
 from gptq_lab import QuantConfig, quantize_model
-from gptq_lab.pipeline import block_to
+from gptq_lab.arch import block_linears, family_of, weight_matrix
+from gptq_lab.pipeline import _masters, block_to
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CONFIG = QuantConfig(bits=4, group_size=32)
@@ -63,6 +64,22 @@ def test_block_copy_is_on_the_device_in_the_dtype_and_independent():
     with torch.no_grad():
         next(work.parameters()).zero_()
     assert next(block.parameters()).abs().sum() > 0
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masters_are_made_on_the_device_and_never_share_the_working_copy(model_dtype, dtype):
+    model = tiny().to(model_dtype)
+    family = family_of(model)
+    block = model.model.layers[0]
+    moved: dict = {}
+    work = block_to(block, torch.device("cpu"), dtype, moved)
+    masters = _masters(block_linears(block, family), moved, dtype)
+    working = block_linears(work, family)
+    for name, mod in block_linears(block, family).items():
+        assert masters[name].dtype == torch.float32
+        assert torch.equal(masters[name], weight_matrix(mod).float()), name
+        assert masters[name].data_ptr() not in (mod.weight.data_ptr(), working[name].weight.data_ptr()), name
 
 
 @cuda
