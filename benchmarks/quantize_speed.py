@@ -7,8 +7,11 @@
     python benchmarks/quantize_speed.py --tiny --device cpu     # smoke test (seconds, no GPU)
 
 The model (hidden 4096, intermediate 11008, 32 heads, vocab 32000, random fp16 weights) is
-built on the meta device and materialised in CPU memory (no default init: seconds, not
-minutes); it stays there, and the pipeline moves one block at a time to the device. Calibration:
+built on the meta device and materialised in CPU memory (no default init); its random values
+are drawn on the GPU in chunks and copied into the CPU parameters (CPU normal_ took about 70 s
+for 8 blocks), or on the CPU with --device cpu. It stays in CPU memory, and the pipeline
+moves one block at a time to the device. Under --distributed every rank builds its own copy
+(identical on identical cards; checked before timing, which also sets up NCCL). Calibration:
 128 windows of 2048 random token ids. Phases (exclusive wall time, torch.cuda.synchronize at
 every boundary): capture inputs, move weights (block copy to the device, fake-quantized
 weights and results back), forward, hessian, solve (under torchrun: including the broadcast
@@ -40,8 +43,14 @@ PHASES = ("checks", "capture inputs", "move weights", "forward", "hessian", "sol
 PER_RUN = ("checks", "capture inputs")          # not multiplied when extrapolating to more blocks
 
 
-def build_model(shape: dict, layers: int, seed: int = 0) -> torch.nn.Module:
-    """Random fp16 Llama on CPU: parameters allocated uninitialised, then filled in place."""
+FILL_CHUNK = 1 << 26        # random values drawn per step on the GPU (128 MiB of fp16)
+
+
+def build_model(shape: dict, layers: int, seed: int = 0, fill_on: torch.device | None = None) -> torch.nn.Module:
+    """Random fp16 Llama on CPU: parameters allocated uninitialised, then filled in place with
+    N(0, 0.02) (norm weights 1). fill_on: a CUDA device draws the values there, FILL_CHUNK at a
+    time, each copied into the CPU parameter; the values then depend on the card (the generator's
+    launch grid follows its SM count). None or CPU: drawn on the CPU (minutes for 32 blocks)."""
     cfg = tf.LlamaConfig(**{**shape, "num_hidden_layers": layers}, attn_implementation="sdpa")
     before = torch.get_default_dtype()
     torch.set_default_dtype(torch.float16)
@@ -55,14 +64,33 @@ def build_model(shape: dict, layers: int, seed: int = 0) -> torch.nn.Module:
     stray = [n for n, _ in model.named_buffers() if not n.startswith("model.rotary_emb.")]
     if stray:
         raise RuntimeError(f"buffers {stray[:3]} would be left uninitialised; extend build_model")
-    gen = torch.Generator().manual_seed(seed)
+    on_gpu = fill_on is not None and fill_on.type == "cuda"
+    gen = torch.Generator(fill_on if on_gpu else "cpu").manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.fill_(1.0)                                   # RMSNorm weights
-            else:
+            elif not on_gpu:
                 p.normal_(0.0, 0.02, generator=gen)
+            else:
+                flat = p.view(-1)
+                for start in range(0, flat.numel(), FILL_CHUNK):
+                    part = flat[start:start + FILL_CHUNK]
+                    part.copy_(torch.empty_like(part, device=fill_on).normal_(0.0, 0.02, generator=gen))
     return model.eval()
+
+
+def check_same_on_every_rank(model: torch.nn.Module, device: torch.device) -> None:
+    """Every rank must quantize the same model: compare a strided sample of each parameter with
+    rank 0's (this is also the process group's first collective, so NCCL is set up here)."""
+    import torch.distributed as dist
+    probe = torch.stack([p.detach().view(-1)[::max(1, p.numel() // 4096)].double().sum()
+                         for p in model.parameters()]).to(device)
+    reference = probe.clone()
+    dist.broadcast(reference, src=0)
+    if not torch.equal(probe, reference):
+        raise SystemExit(f"rank {dist.get_rank()} built another model than rank 0 (cards of different "
+                         f"kinds draw different random values); use identical cards")
 
 
 def main() -> None:
@@ -77,7 +105,8 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="default cuda (cuda:LOCAL_RANK with --distributed)")
     ap.add_argument("--distributed", action="store_true", help="run under torchrun: NCCL (gloo on CPU)")
     ap.add_argument("--resume-dir", default=None, help="also write the resume state after each block")
-    ap.add_argument("--no-pack", action="store_true", help="skip the packing phase")
+    ap.add_argument("--no-pack", action="store_true",
+                    help="skip convert (the pipeline still packs each layer after its solve)")
     ap.add_argument("--tiny", action="store_true", help="a small shape that runs on CPU in seconds")
     args = ap.parse_args()
     shape = SHAPE_TINY if args.tiny else SHAPE_7B
@@ -105,8 +134,11 @@ def main() -> None:
         torch.cuda.set_per_process_memory_fraction(args.memory_fraction, torch.device(device).index or 0)
 
     t0 = time.perf_counter()
-    model = build_model(shape, layers)
+    model = build_model(shape, layers, fill_on=device)
     build_s = time.perf_counter() - t0
+    if args.distributed:
+        check_same_on_every_rank(model, device)
+        build_s = time.perf_counter() - t0
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     ids = torch.randint(0, shape["vocab_size"], (samples, seqlen), generator=torch.Generator().manual_seed(0))
     config = QuantConfig(bits=4, group_size=128)
@@ -141,7 +173,8 @@ def report(args, shape, layers, samples, seqlen, device, world, build_s, totals,
          f"intermediate {shape['intermediate_size']}), {layers} of {full} blocks, random fp16 weights on CPU"),
         (f"calibration {samples} x {seqlen} random tokens; batch size {args.batch_size or samples}; activations "
          f"{'offloaded to CPU' if args.offload_activations else 'on the device'}; device {card} x {world} "
-         f"process(es); torch {torch.__version__}; model built in {build_s:.1f} s (not counted)"),
+         f"process(es); torch {torch.__version__}; model built{' and checked on every rank' if world > 1 else ''} "
+         f"in {build_s:.1f} s (not counted)"),
     ]
     if args.memory_fraction is not None:
         cap = args.memory_fraction * torch.cuda.get_device_properties(device).total_memory
