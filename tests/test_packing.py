@@ -120,3 +120,16 @@ def test_pack_rows_is_bitwise_the_previous_packer(bits, dtype, device):
         assert packed.device.type == device and packed.dtype == torch.int32
         assert torch.equal(packed.cpu(), loop_pack_rows(codes, bits)), (rows, length)
         assert torch.equal(pack_qweight(codes.to(device), bits).cpu(), loop_pack_rows(codes, bits).t())
+
+
+def test_a_result_packs_where_its_codes_are_when_its_shape_allows():
+    from gptq_lab import QuantConfig, QuantLinear, rtn_result
+    w = torch.randn(64, 40, generator=torch.Generator().manual_seed(0))           # K = 40: 4-bit yes, 3-bit no
+    four = rtn_result(w, QuantConfig(bits=4, group_size=-1)).pack()
+    assert torch.equal(four.qweight, pack_qweight(four.codes, 4))
+    assert torch.equal(four.qzeros, pack_qzeros(four.zeros, 4, v1=False))
+    assert torch.equal(QuantLinear.from_result(four).qweight, four.qweight)
+    three = rtn_result(w, QuantConfig(bits=3, group_size=-1)).pack()
+    assert three.qweight is None and three.qzeros is None
+    with pytest.raises(ValueError, match="multiples of 32"):
+        QuantLinear.from_result(three)
