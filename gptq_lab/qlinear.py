@@ -81,7 +81,9 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_result(cls, result: GPTQResult, bias: torch.Tensor | None = None,
                     device: torch.device | str | None = None) -> QuantLinear:
-        """Pack a solver result (codes [N, K], scales/zeros [N, G], g_idx [K]) into a QuantLinear."""
+        """Pack a solver result (codes [N, K], scales/zeros [N, G], g_idx [K]) into a QuantLinear.
+        A result the pipeline already packed (``qweight``/``qzeros`` set) is used as it is: on the
+        same device the layer shares those tensors with the result instead of copying them."""
         n, k = result.codes.shape
         layer = cls(k, n, result.bits, result.group_size, result.sym, bias is not None, device="meta")
         scales = result.scales.detach().t().float()                                     # [G, N]
