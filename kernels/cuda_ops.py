@@ -30,13 +30,18 @@ MIN_M, MAX_M = 2, 16    # where it beat Triton on an H200 (batch 1: Triton is as
 
 
 @functools.cache
-def _build():
-    """Compile (or load the cached build of) the extension; raises RuntimeError on failure."""
+def _build(stages: int | None = None, arch_flags: tuple[str, ...] = tuple(ARCH_FLAGS),
+           ablate: int = 0):
+    """Compile (or load the cached build of) the extension; raises RuntimeError on failure.
+    ``stages`` (ring depth per warp), ``arch_flags`` and ``ablate`` (leave a stage out, for
+    timing only: wrong results) other than the defaults are for benchmarks/cuda_variants.py."""
     from torch.utils.cpp_extension import CUDA_HOME, load
     if CUDA_HOME is None and shutil.which("nvcc") is None:
         raise RuntimeError("no CUDA compiler (nvcc) found; set CUDA_HOME to build the CUDA kernel")
-    return load(name="gptq_lab_int4_decode_v1", sources=[str(s) for s in SOURCES],
-                extra_cuda_cflags=["-O3", *ARCH_FLAGS], extra_cflags=["-O3"],
+    name = "gptq_lab_int4_decode_v3" + (f"_s{stages}" if stages else "") + (f"_a{ablate}" if ablate else "")
+    defines = ([f"-DGPTQ_LAB_STAGES={stages}"] if stages else []) + ([f"-DGPTQ_LAB_ABLATE={ablate}"] if ablate else [])
+    return load(name=name, sources=[str(s) for s in SOURCES],
+                extra_cuda_cflags=["-O3", *arch_flags, *defines], extra_cflags=["-O3"],
                 verbose=bool(os.environ.get("GPTQ_LAB_VERBOSE_BUILD")))
 
 
@@ -59,14 +64,14 @@ def unavailable() -> str | None:
 
 
 @torch.library.custom_op("gptq_lab::cuda_int4_mm", mutates_args=())
-def cuda_int4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                 zeros: torch.Tensor, group_size: int, out_features: int) -> torch.Tensor:
+def cuda_int4_mm(x: torch.Tensor, qweight: torch.Tensor, meta: torch.Tensor, group_size: int,
+                 out_features: int) -> torch.Tensor:
     """x [M, K'] (kernel order, K' a multiple of 64, contiguous) -> [M, N] in x's dtype."""
-    return _build().int4_decode(x, qweight, scales, zeros, group_size, out_features)
+    return _build().int4_decode(x, qweight, meta, group_size, out_features)
 
 
 @cuda_int4_mm.register_fake
-def _(x, qweight, scales, zeros, group_size, out_features):
+def _(x, qweight, meta, group_size, out_features):
     return x.new_empty((x.shape[0], out_features))
 
 
@@ -75,8 +80,7 @@ def cuda_mm(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:
     if x.dtype != p.dtype:
         raise ValueError(f"x is {x.dtype} but the layer was prepared for {p.dtype}")
     flat = kernel_input(x.reshape(-1, p.in_features), p)
-    out = torch.ops.gptq_lab.cuda_int4_mm(flat, p.qweight, p.scales, p.zeros, p.group_size,
-                                          p.out_features)
+    out = torch.ops.gptq_lab.cuda_int4_mm(flat, p.qweight, p.meta, p.group_size, p.out_features)
     return out.reshape(*x.shape[:-1], p.out_features)
 
 

@@ -3,13 +3,15 @@
     p = prepare(qweight, scales, qzeros, g_idx, bits=4, dtype=torch.float16)   # PreparedCUDA
     w = dequantize_prepared(p)          # [K', N] float32 in kernel order, for tests
 
-The layout is described in ``kernels/cuda/int4_decode.cu``: per tile of 16 output features and
-chunk of 64 input rows, each of the 32 lanes of a warp reads one 16-byte word holding the
-codes of its four m16n8k16 A fragments, with the k order inside each chunk permuted so that
-each lane's activations are contiguous; zero points come in (row g, row g + 8) pairs in the
-activation dtype, offset by the dequantization magic number, and scales in matching fp32 pairs
-(the kernel applies them per group after the MMAs). For fp16 the row g + 8 entries carry a
-factor 16 (zero point x 16, scale / 16): the kernel reads those codes without shifting them.
+The layout is described in ``kernels/cuda/int4_decode.cu``: per chunk of 64 input rows and tile
+of 16 output features (chunk-major, so that blocks working side by side read neighbouring
+memory), each of the 32 lanes of a warp reads one 16-byte word holding the codes of its four
+m16n8k16 A fragments, with the k order inside each chunk permuted so that each lane's
+activations are contiguous. Per group and tile, each row pair (g, g + 8) has an 8-byte record:
+the two zero points in the activation dtype offset by the dequantization magic number, and the
+two fp16 scales (the kernel applies them per group after the MMAs, in fp32). For fp16 the row
+g + 8 zero points carry a factor 16: the kernel reads those codes without shifting them (and
+divides their scale by 16).
 Act-order checkpoints reuse the Triton path's row permutation (rows sorted by g_idx; the
 activations are permuted at run time), so groups are contiguous in kernel order.
 """
@@ -28,9 +30,10 @@ MAGIC = {torch.float16: 1024.0, torch.bfloat16: 128.0}   # MAGIC + code is exact
 
 class PreparedCUDA(NamedTuple):
     """Kernel-ready tensors of one linear layer for one activation dtype."""
-    qweight: torch.Tensor           # int32 [N'/16, K'/64, 32, 4]
-    scales: torch.Tensor            # float32 [N'/16, G, 8, 2]: (row g, row g+8) pairs
-    zeros: torch.Tensor             # int32 [N'/16, G, 8]: MAGIC + zero point pairs of dtype
+    qweight: torch.Tensor           # int32 [K'/64, N'/16, 32, 4]
+    meta: torch.Tensor              # int32 [G, N'/16, 8, 2]: per (group, tile, g) the MAGIC +
+                                    # zero point pair of rows (g, g + 8) in dtype, and their two
+                                    # fp16 scales (bit patterns)
     perm: torch.Tensor | None       # int64 [K'] into x's columns (K = a zero column), or None
     group_size: int                 # kernel rows per group, a multiple of 64
     k_rows: int                     # K' before padding to 64 (perm length, or K)
@@ -102,17 +105,18 @@ def prepare(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
         group_size = kp
     codes = torch.nn.functional.pad(codes, (0, kp - k_rows, 0, np_ - n))          # [Np, Kp]
     factor = _row_factor(dtype).to(qweight.device)
-    zeros = _pairs(torch.nn.functional.pad(zeros.float(), (0, np_ - n)))            # [nt,G,8,2]
+    zeros = _pairs(torch.nn.functional.pad(zeros.float(), (0, np_ - n)))            # [G,nt,8,2]
+    scales = _pairs(torch.nn.functional.pad(scales.half(), (0, np_ - n)))           # [G,nt,8,2]
+    zero_pair = (zeros * factor + MAGIC[dtype]).to(dtype).contiguous().view(torch.int32)   # [...,1]
+    meta = torch.cat([zero_pair, scales.contiguous().view(torch.int32)], dim=-1)      # [G,nt,8,2]
     return PreparedCUDA(
-        qweight=_pack_codes(codes).contiguous(),
-        scales=(_pairs(torch.nn.functional.pad(scales.float(), (0, np_ - n))) / factor).contiguous(),
-        zeros=(zeros * factor + MAGIC[dtype]).to(dtype).contiguous().view(torch.int32)[..., 0],
+        qweight=_pack_codes(codes).contiguous(), meta=meta.contiguous(),
         perm=perm, group_size=group_size, k_rows=k_rows, in_features=k, out_features=n,
         dtype=dtype)
 
 
 def _pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """codes [Np, Kp] -> int32 [Np/16, Kp/64, 32, 4] (the lane words)."""
+    """codes [Np, Kp] -> int32 [Kp/64, Np/16, 32, 4] (the lane words, chunk-major)."""
     np_, kp = codes.shape
     chunks = codes.to(torch.int64).reshape(np_ // TILE, TILE, kp // CHUNK, CHUNK)  # [nt,n,kc,64]
     order = _chunk_order().to(codes.device)                                         # [4, 16]
@@ -122,28 +126,28 @@ def _pack_codes(codes: torch.Tensor) -> torch.Tensor:
     shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * 4
     words = (nibbles << shifts).sum(-1)                                            # [nt,kc,j,32]
     words = torch.where(words >= 2**31, words - 2**32, words)
-    return words.permute(0, 1, 3, 2).to(torch.int32)                               # [nt,kc,32,j]
+    return words.permute(1, 0, 3, 2).to(torch.int32)                               # [kc,nt,32,j]
 
 
 def _pairs(values: torch.Tensor) -> torch.Tensor:
-    """[G, Np] -> [Np/16, G, 8, 2]: per (tile, group, g) the pair (row g, row g + 8)."""
+    """[G, Np] -> [G, Np/16, 8, 2]: per (group, tile, g) the pair (row g, row g + 8)."""
     g_count, np_ = values.shape
-    return values.reshape(g_count, np_ // TILE, 2, 8).permute(1, 0, 3, 2)
+    return values.reshape(g_count, np_ // TILE, 2, 8).transpose(2, 3)
 
 
 def _unpairs(pairs: torch.Tensor) -> torch.Tensor:
-    """Inverse of _pairs: [Np/16, G, 8, 2] -> [G, Np]."""
-    nt, g_count = pairs.shape[:2]
-    return pairs.permute(1, 0, 3, 2).reshape(g_count, nt * TILE)
+    """Inverse of _pairs: [G, Np/16, 8, 2] -> [G, Np]."""
+    g_count, nt = pairs.shape[:2]
+    return pairs.transpose(2, 3).reshape(g_count, nt * TILE)
 
 
 def dequantize_prepared(p: PreparedCUDA) -> torch.Tensor:
     """The weight in kernel order, float32 [K', N], read back from the packed layout the way
     the kernel reads it (nibble -> A-fragment position -> permuted k), with its arithmetic:
     (MAGIC + code) - (MAGIC + zero) exact in the dtype, times the fp32 scale."""
-    nt, kc = p.qweight.shape[:2]
+    kc, nt = p.qweight.shape[:2]
     dev = p.qweight.device
-    words = p.qweight.to(torch.int64) & 0xFFFFFFFF                                 # [nt,kc,32,4]
+    words = p.qweight.transpose(0, 1).to(torch.int64) & 0xFFFFFFFF                 # [nt,kc,32,4]
     shifts = torch.arange(8, device=dev, dtype=torch.int64) * 4
     nibbles = (words.permute(0, 1, 3, 2)[..., None] >> shifts) & 0xF               # [nt,kc,j,32,8]
     tiles = torch.zeros(nt, kc, 4, TILE, 16, dtype=torch.int64, device=dev)
@@ -153,13 +157,13 @@ def dequantize_prepared(p: PreparedCUDA) -> torch.Tensor:
     chunks[..., _chunk_order().to(dev)] = tiles.permute(0, 3, 1, 2, 4)
     codes = chunks.reshape(nt * TILE, kc * CHUNK)                                  # [Np, Kp]
     factor = _row_factor(p.dtype).to(dev)
-    zeros = _unpairs(p.zeros.view(p.dtype).reshape(*p.zeros.shape, 2).float())     # [G, Np]
-    scales = _unpairs(p.scales * factor)                                           # [G, Np]
-    rows_factor = _unpairs(factor.expand(nt, 1, 8, 2))[0]                          # [Np]
+    zeros = _unpairs(p.meta[..., :1].contiguous().view(p.dtype).float())         # [G, Np]
+    scales = _unpairs(p.meta[..., 1:].contiguous().view(torch.float16).float())   # [G, Np]
+    rows_factor = _unpairs(factor.expand(1, nt, 8, 2))[0]                          # [Np]
     grp = torch.arange(kc * CHUNK, device=dev) // p.group_size
     magic = MAGIC[p.dtype]
     diff = (codes.t().float() * rows_factor + magic) - zeros[grp]                  # exact
-    w = diff / rows_factor * scales[grp]                                           # [Kp, Np]
+    w = diff / rows_factor * scales[grp]                     # [Kp, Np]; kernel: x 1/16 exact
     return w[:p.k_rows, :p.out_features]
 
 

@@ -4,14 +4,14 @@
 #include <cuda_runtime.h>
 #include <torch/extension.h>
 
-extern "C" cudaError_t gptq_lab_int4_decode(const void* x, const void* qweight,
-                                            const void* scales, const void* zeros, void* y,
-                                            int M, int N, int K, int group_size, int G,
-                                            int dtype, cudaStream_t stream);
+extern "C" cudaError_t gptq_lab_int4_decode(const void* x, const void* qweight, const void* meta,
+                                            void* y, int M, int N, int K, int group_size,
+                                            int warps, int dtype, cudaStream_t stream);
 
 // x [M, K] fp16/bf16 contiguous (K a multiple of 64) -> y [M, n] in x's dtype.
-torch::Tensor int4_decode(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
-                          torch::Tensor zeros, int64_t group_size, int64_t n) {
+// warps: warps per block (0: the launcher's choice; other values are for tuning).
+torch::Tensor int4_decode(torch::Tensor x, torch::Tensor qweight, torch::Tensor meta,
+                          int64_t group_size, int64_t n, int64_t warps) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "x must be float16 or bfloat16, got ", x.scalar_type());
@@ -21,22 +21,24 @@ torch::Tensor int4_decode(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
   const int64_t tiles = (n + 15) / 16, groups = k / group_size;
   TORCH_CHECK(qweight.is_cuda() && qweight.numel() == tiles * (k / 64) * 32 * 4 && qweight.is_contiguous(),
               "qweight does not match K=", k, ", N=", n);
-  TORCH_CHECK(scales.numel() == tiles * groups * 16 && zeros.numel() == tiles * groups * 8 &&
-              scales.is_contiguous() && zeros.is_contiguous(), "scales/zeros do not match the layout");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kInt &&
-              qweight.scalar_type() == at::kInt, "qweight and zeros must be packed int32, scales float32");
+  TORCH_CHECK(meta.is_cuda() && meta.numel() == groups * tiles * 8 * 2 && meta.is_contiguous(),
+              "meta does not match the layout (K=", k, ", N=", n, ", group_size=", group_size, ")");
+  TORCH_CHECK(meta.scalar_type() == at::kInt && qweight.scalar_type() == at::kInt,
+              "qweight and meta must be packed int32");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = torch::empty({m, n}, x.options());
   const int dtype = x.scalar_type() == at::kBFloat16 ? 1 : 0;
   const cudaError_t err = gptq_lab_int4_decode(
-      x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), y.data_ptr(),
-      static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(group_size),
-      static_cast<int>(groups), dtype, at::cuda::getCurrentCUDAStream());
+      x.data_ptr(), qweight.data_ptr(), meta.data_ptr(), y.data_ptr(), static_cast<int>(m),
+      static_cast<int>(n), static_cast<int>(k), static_cast<int>(group_size),
+      static_cast<int>(warps), dtype, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "gptq_lab int4_decode launch failed: ", cudaGetErrorString(err));
   return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int4_decode", &int4_decode, "int4 GPTQ matmul for decode-sized batches");
+  m.def("int4_decode", &int4_decode, "int4 GPTQ matmul for decode-sized batches",
+        pybind11::arg("x"), pybind11::arg("qweight"), pybind11::arg("meta"),
+        pybind11::arg("group_size"), pybind11::arg("n"), pybind11::arg("warps") = 0);
 }

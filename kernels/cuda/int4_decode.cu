@@ -3,7 +3,8 @@
 // Pure CUDA (no torch headers), so CI can compile it with nvcc alone; binding.cpp wraps the
 // launcher for torch. Layout (written by gptq_lab/kernels/cuda_pack.py, once at load):
 //
-//   qweight uint4 [N/16][K/64][32 lanes]   one 16-byte word per lane per (16 n x 64 k) chunk.
+//   qweight uint4 [K/64][N/16][32 lanes]   one 16-byte word per lane per (64 k x 16 n) chunk,
+//       chunk-major: the blocks running side by side (one tile each) read neighbouring words.
 //       Word j (0..3) of a lane covers k-tile j (16 k) of the chunk and holds the 8 codes that
 //       lane needs for one m16n8k16 A fragment of W^T (rows = output features n, cols = k):
 //       nibble r (r = 0..3) -> low half of A register r, nibble r + 4 -> its high half, where
@@ -11,19 +12,18 @@
 //       2t + 8 * (r >> 1) (low) and that + 1 (high).
 //       Inside a chunk the k order is permuted (physical k = 16t + 4j + 2h + l for logical
 //       column 2t + 8h + l of k-tile j), so that each lane's B fragments are contiguous in x.
-//   zeros  uint32 [N/16][G][8]   per (tile, group, g) a pair of 16-bit values in the
-//       activation dtype for (row g, row g + 8): MAGIC + zero point, so that (MAGIC + code) -
-//       (MAGIC + zero) is exact (fp16: the row g + 8 value carries a factor 16, see dequant).
-//   scales float2 [N/16][G][8]   the matching (row g, row g + 8) scales in fp32 (fp16: the
-//       second divided by 16), applied to each group's partial sums after the MMAs.
+//   meta   uint2 [G][N/16][8]   per (group, tile, g): word 0 holds the (row g, row g + 8) pair
+//       of 16-bit values in the activation dtype MAGIC + zero point, so that (MAGIC + code) -
+//       (MAGIC + zero) is exact (fp16: the row g + 8 value carries a factor 16, see dequant);
+//       word 1 the two fp16 scales, applied to each group's partial sums after the MMAs.
 //
 // The product is computed as y^T = W^T x^T on tensor cores (mma.sync m16n8k16, fp32 accumulate):
 // W^T is the A operand, dequantized in registers straight into A fragments (a mask-and-or
 // turns 4-bit codes into 16-bit floats MAGIC + code, two at a time), x^T is the B operand with
 // the batch as its 8 columns (two MMAs for batches 9-16). Each block owns 16 output features;
 // its warps split K and reduce through shared memory. Weight words are streamed with 16-byte
-// loads, U chunks in flight per warp before the first use (the loads of a chunk group are
-// issued together, then consumed).
+// asynchronous copies (cp.async) into a per-warp shared-memory ring, several chunks in flight
+// per warp while the oldest is consumed.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -46,11 +46,13 @@ template <typename T> struct Dtype;
 template <> struct Dtype<__half> {
   using T2 = __half2;
   static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0 in both fp16 halves
+  static constexpr float kHighRowFactor = 1.f / 16;  // rows g + 8 read as MAGIC + 16 * code
   static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
 };
 template <> struct Dtype<__nv_bfloat16> {
   using T2 = __nv_bfloat162;
   static constexpr uint32_t kMagic = 0x43004300u;  // 128.0 in both bf16 halves
+  static constexpr float kHighRowFactor = 1.f;
   static __device__ __forceinline__ __nv_bfloat16 from_float(float v) {
     return __float2bfloat16_rn(v);
   }
@@ -85,28 +87,36 @@ __device__ __forceinline__ uint32_t as_u32(T2 v) { return *reinterpret_cast<uint
 template <typename T2>
 __device__ __forceinline__ T2 as_t2(uint32_t v) { return *reinterpret_cast<T2*>(&v); }
 
+// (a & mask) | magic in one LOP3 (the compiler otherwise emits an AND and an OR).
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t magic) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(r) : "r"(a), "r"(mask), "r"(magic));
+  return r;
+}
+
 // One 32-bit weight word -> the four A registers of one k-tile, zero points subtracted (the
 // scales are applied per group after the MMAs). z: (row g, row g + 8) pair of MAGIC + zero.
 // fp16: registers 1 and 3 (rows g + 8) take their nibbles unshifted at bits 4-7, which reads
-// as MAGIC + 16 * code; their zero points and scales carry the factor 16 (see cuda_pack.py).
-// bf16 (7 mantissa bits) shifts every nibble down instead.
+// as MAGIC + 16 * code; their zero points carry the factor 16 (see cuda_pack.py) and their
+// scales the factor 1/16 (Dtype::kHighRowFactor). bf16 (7 mantissa bits) shifts every nibble
+// down instead.
 template <typename T>
 __device__ __forceinline__ void dequant(uint32_t w, uint32_t z, uint32_t (&a)[4]) {
   using T2 = typename Dtype<T>::T2;
   const T2 z2 = as_t2<T2>(z);
   const T2 z_lo = __low2half2_any(z2), z_hi = __high2half2_any(z2);
-  const uint32_t w8 = w >> 8;
+  const uint32_t w8 = w >> 8, lo = 0x000F000Fu, magic = Dtype<T>::kMagic;
   uint32_t raw[4];
-  if constexpr (sizeof(T) == 2 && Dtype<T>::kMagic == 0x64006400u) {
-    raw[0] = (w & 0x000F000Fu) | Dtype<T>::kMagic;
-    raw[1] = (w & 0x00F000F0u) | Dtype<T>::kMagic;
-    raw[2] = (w8 & 0x000F000Fu) | Dtype<T>::kMagic;
-    raw[3] = (w8 & 0x00F000F0u) | Dtype<T>::kMagic;
+  if constexpr (Dtype<T>::kMagic == 0x64006400u) {
+    raw[0] = and_or(w, lo, magic);
+    raw[1] = and_or(w, lo << 4, magic);
+    raw[2] = and_or(w8, lo, magic);
+    raw[3] = and_or(w8, lo << 4, magic);
   } else {
-    raw[0] = (w & 0x000F000Fu) | Dtype<T>::kMagic;
-    raw[1] = ((w >> 4) & 0x000F000Fu) | Dtype<T>::kMagic;
-    raw[2] = (w8 & 0x000F000Fu) | Dtype<T>::kMagic;
-    raw[3] = ((w >> 12) & 0x000F000Fu) | Dtype<T>::kMagic;
+    raw[0] = and_or(w, lo, magic);
+    raw[1] = and_or(w >> 4, lo, magic);
+    raw[2] = and_or(w8, lo, magic);
+    raw[3] = and_or(w >> 12, lo, magic);
   }
 #pragma unroll
   for (int r = 0; r < 4; ++r) a[r] = as_u32(__hsub2(as_t2<T2>(raw[r]), (r & 1) ? z_hi : z_lo));
@@ -117,30 +127,83 @@ __device__ __forceinline__ uint32_t word(const uint4& v) {
   return N == 0 ? v.x : N == 1 ? v.y : N == 2 ? v.z : v.w;
 }
 
-constexpr int kUnroll = 4;       // 64-k chunks per warp in flight while the previous 4 compute
+// cp.async (sm_80+): global -> shared without passing through registers; the copies of one
+// commit group complete together (wait_group N: all but the newest N groups are done).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+#ifndef GPTQ_LAB_ABLATE   // timing experiments only (wrong results): 1 = no math, 2 = no x loads,
+#define GPTQ_LAB_ABLATE 0 // 3 = no weight loads
+#endif
+#ifndef GPTQ_LAB_STAGES
+#define GPTQ_LAB_STAGES 4
+#endif
+constexpr int kMaxWarps = 8;                // warps per block (they split K)
+constexpr int kUnroll = 2;                  // 64-k chunks per stage (one commit group)
+constexpr int kStages = GPTQ_LAB_STAGES;    // stages per warp's ring (all but 1 in flight)
+constexpr int kChunkBytes = 32 * (16 + 8);  // one chunk: each lane's weight word and meta record
+constexpr int kRingBytes = kStages * kUnroll * kChunkBytes;   // shared memory per warp
 
 // MT: batch tiles of 8 rows handled by this launch slab (1 for M <= 8, 2 for M <= 16).
 // blockDim.x / 32 warps share one tile of 16 output features, splitting K, and reduce through
-// shared memory at the end. Each warp keeps the next kUnroll chunks' weight words in flight
-// (registers, double-buffered) while it dequantizes and multiplies the current ones.
+// shared memory at the end. Each warp streams its chunks with cp.async into a ring of kStages
+// stages of kUnroll chunks, kStages - 1 stages in flight while the oldest is dequantized and
+// multiplied; each chunk travels with its group's (zero, scale) record. Each lane copies and
+// later reads only its own words, so the ring needs no barrier (the stage refilled is the one
+// consumed in the previous iteration, whose values are already used). Each chunk's MMAs start
+// from zero and its scales are applied right after them, so no group bookkeeping is needed
+// besides the record pointer, which the issuing side advances by counting.
 // Inside a 64-k chunk the k order is permuted so that lane (g, t) reads its B fragments of
 // all four k-tiles as x[m][64c + 16t .. 64c + 16t + 15]: two 16-byte loads per batch row
 // (through L1: every tile of the SM reads the same activations).
 template <typename T, int MT>
-__global__ void __launch_bounds__(256, 1)
+__global__ void __launch_bounds__(kMaxWarps * 32)
 int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
-                   const float2* __restrict__ scales, const uint32_t* __restrict__ zeros,
-                   T* __restrict__ y, int M, int N, int K, int group_chunks, int G) {
+                   const uint2* __restrict__ meta, T* __restrict__ y, int M, int N, int K,
+                   int group_chunks) {
+  extern __shared__ uint4 ring[];                   // per warp: [kStages * kUnroll][32] words,
+                                                    // then as many records; later the reduction
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int tile = blockIdx.x;
+  const int tile = blockIdx.x, tiles = gridDim.x;
   const int m_base = blockIdx.y * 8 * MT;
   const int chunks = K / 64;
   const int c_begin = warp * chunks / warps, c_end = (warp + 1) * chunks / warps;
 
-  const uint4* wp = qweight + (size_t)tile * chunks * 32 + lane;
-  const float2* sp = scales + (size_t)tile * G * 8 + g;
-  const uint32_t* zp = zeros + (size_t)tile * G * 8 + g;
+  char* mine = reinterpret_cast<char*>(ring) + warp * kRingBytes;
+  uint4 (*wslot)[32] = reinterpret_cast<uint4 (*)[32]>(mine);
+  uint2 (*mslot)[32] = reinterpret_cast<uint2 (*)[32]>(mine + kStages * kUnroll * 32 * 16);
+  const size_t wstride = (size_t)tiles * 32, mstride = (size_t)tiles * 8;
+  const uint4* wsrc = qweight + (size_t)c_begin * wstride + (size_t)tile * 32 + lane;
+  const uint2* msrc = meta + (size_t)(c_begin / group_chunks) * mstride + (size_t)tile * 8 + g;
+  int issued = c_begin, issued_in_group = c_begin % group_chunks;
+  auto issue = [&](int stage) {                     // the next kUnroll chunks and their records
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (GPTQ_LAB_ABLATE != 3 && issued < c_end) {
+        cp_async16(&wslot[stage * kUnroll + u][lane], wsrc);
+        cp_async8(&mslot[stage * kUnroll + u][lane], msrc);
+      }
+      ++issued;
+      wsrc += wstride;
+      if (++issued_in_group == group_chunks) issued_in_group = 0, msrc += mstride;
+    }
+    cp_async_commit();
+  };
+
   const uint4* xr[MT];
   bool row_ok[MT];
 #pragma unroll
@@ -149,66 +212,70 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
     row_ok[mt] = m < M;
     xr[mt] = reinterpret_cast<const uint4*>(x + (size_t)(row_ok[mt] ? m : 0) * K + 16 * t);
   }
-  float acc[MT][4], part[MT][4];
+  float acc[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc[mt][i] = part[mt][i] = 0.f;
+    for (int i = 0; i < 4; ++i) acc[mt][i] = 0.f;
 
-  uint4 wbuf[kUnroll];
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u)
-    if (c_begin + u < c_end) wbuf[u] = __ldcs(wp + (size_t)(c_begin + u) * 32);
-
+  for (int s = 0; s < kStages - 1; ++s) issue(s);  // prologue: the first kStages - 1 stages
+  int read_stage = 0, write_stage = kStages - 1;
   for (int c0 = c_begin; c0 < c_end; c0 += kUnroll) {
-    uint4 w[kUnroll];
+    issue(write_stage);
+    write_stage = write_stage + 1 == kStages ? 0 : write_stage + 1;
+    uint4 xv[kUnroll][MT][2];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) w[u] = wbuf[u];
+    for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u)           // the next chunks' weights, in flight meanwhile
-      if (c0 + kUnroll + u < c_end) wbuf[u] = __ldcs(wp + (size_t)(c0 + kUnroll + u) * 32);
+      for (int mt = 0; mt < MT; ++mt) {
+        const bool ok = row_ok[mt] && (u == 0 || c0 + u < c_end);
+        if (GPTQ_LAB_ABLATE == 2) {
+          xv[u][mt][0] = xv[u][mt][1] = make_uint4(c0, c0, c0, c0);
+          continue;
+        }
+        xv[u][mt][0] = ok ? __ldg(xr[mt] + (c0 + u) * 8) : make_uint4(0, 0, 0, 0);
+        xv[u][mt][1] = ok ? __ldg(xr[mt] + (c0 + u) * 8 + 1) : make_uint4(0, 0, 0, 0);
+      }
+    cp_async_wait<kStages - 1>();                   // this stage has landed (this lane's copies)
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int c = c0 + u;
-      if (c >= c_end) break;
-      uint4 xv[MT][2];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        xv[mt][0] = row_ok[mt] ? __ldg(xr[mt] + c * 8) : make_uint4(0, 0, 0, 0);
-        xv[mt][1] = row_ok[mt] ? __ldg(xr[mt] + c * 8 + 1) : make_uint4(0, 0, 0, 0);
+      if (u > 0 && c0 + u >= c_end) break;
+      const uint4 w = wslot[read_stage * kUnroll + u][lane];
+      const uint2 rec = mslot[read_stage * kUnroll + u][lane];
+      const float2 sc = __half22float2(as_t2<__half2>(rec.y));
+      const float s_lo = sc.x, s_hi = sc.y * Dtype<T>::kHighRowFactor;
+      if (GPTQ_LAB_ABLATE == 1) {
+        acc[0][0] += __uint_as_float((w.x ^ w.y ^ w.z ^ w.w ^ rec.x) & 0x3fffffffu) * s_lo;
+        continue;
       }
-      const int grp = c / group_chunks;
-      const uint32_t z = __ldg(zp + grp * 8);
       uint32_t a[4][4];
-      dequant<T>(w[u].x, z, a[0]);
-      dequant<T>(w[u].y, z, a[1]);
-      dequant<T>(w[u].z, z, a[2]);
-      dequant<T>(w[u].w, z, a[3]);
+      dequant<T>(w.x, rec.x, a[0]);
+      dequant<T>(w.y, rec.x, a[1]);
+      dequant<T>(w.z, rec.x, a[2]);
+      dequant<T>(w.w, rec.x, a[3]);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        mma_16816<T>(part[mt], a[0], word<0>(xv[mt][0]), word<1>(xv[mt][0]));
-        mma_16816<T>(part[mt], a[1], word<2>(xv[mt][0]), word<3>(xv[mt][0]));
-        mma_16816<T>(part[mt], a[2], word<0>(xv[mt][1]), word<1>(xv[mt][1]));
-        mma_16816<T>(part[mt], a[3], word<2>(xv[mt][1]), word<3>(xv[mt][1]));
-      }
-      if ((c + 1) % group_chunks == 0 || c + 1 == c_end) {   // end of a group: apply scales
-        const float2 s = __ldg(sp + grp * 8);                 // (row g, row g + 8)
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          acc[mt][0] += s.x * part[mt][0];
-          acc[mt][1] += s.x * part[mt][1];
-          acc[mt][2] += s.y * part[mt][2];
-          acc[mt][3] += s.y * part[mt][3];
-#pragma unroll
-          for (int i = 0; i < 4; ++i) part[mt][i] = 0.f;
-        }
+        float part[4] = {0.f, 0.f, 0.f, 0.f};
+        mma_16816<T>(part, a[0], word<0>(xv[u][mt][0]), word<1>(xv[u][mt][0]));
+        mma_16816<T>(part, a[1], word<2>(xv[u][mt][0]), word<3>(xv[u][mt][0]));
+        mma_16816<T>(part, a[2], word<0>(xv[u][mt][1]), word<1>(xv[u][mt][1]));
+        mma_16816<T>(part, a[3], word<2>(xv[u][mt][1]), word<3>(xv[u][mt][1]));
+        acc[mt][0] += s_lo * part[0];
+        acc[mt][1] += s_lo * part[1];
+        acc[mt][2] += s_hi * part[2];
+        acc[mt][3] += s_hi * part[3];
       }
     }
+    read_stage = read_stage + 1 == kStages ? 0 : read_stage + 1;
   }
+  cp_async_wait<0>();
+  __syncthreads();                                  // the ring becomes the reduction buffer
+  float (*red)[MT * 8][16] = reinterpret_cast<float (*)[MT * 8][16]>(ring);
+  static_assert(MT * 8 * 16 * 4 <= kRingBytes, "reduction buffer larger than a warp's ring");
 
   // C fragment: c0 = C[g][2t], c1 = C[g][2t+1], c2 = C[g+8][2t], c3 = C[g+8][2t+1],
   // rows = output features of the tile, columns = batch rows of the 8-row slab.
-  __shared__ float red[8][MT * 8][16];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     red[warp][mt * 8 + 2 * t][g] = acc[mt][0];
@@ -226,24 +293,30 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
   }
 }
 
-// Warps per block (8, 4, 2 or 1, splitting K): the choice with the least time estimated as
-// waves x chunks per warp, where a wave is as many blocks as the GPU holds at once; ties go
-// to fewer waves. This avoids a second, mostly idle wave (512 tiles of 8 warps do not fit on
-// one H100 at once; of 4 warps they do).
+// Warps per block (8, 4, 2 or 1, splitting K; `forced` > 0 overrides, for tuning): the choice
+// with the least time estimated as waves x chunks per warp, where a wave is as many blocks as
+// the GPU holds at once; ties go to fewer waves (a second, mostly idle wave costs a whole one).
 template <typename T, int MT>
-cudaError_t launch_tiles(const T* x, const uint4* qw, const float2* sp, const uint32_t* zp, T* y,
-                         int M, int N, int K, int group_chunks, int G, cudaStream_t stream) {
+cudaError_t launch_tiles(const T* x, const uint4* qw, const uint2* meta, T* y, int M, int N,
+                         int K, int group_chunks, int forced, cudaStream_t stream) {
   static int sms = 0, fits[4] = {0, 0, 0, 0};   // per process: one GPU model assumed
   const int warp_options[4] = {8, 4, 2, 1};
   auto kernel = int4_decode_kernel<T, MT>;
-  if (sms == 0) {
-    int dev = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    for (int i = 0; i < 4; ++i)
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fits[i], kernel, warp_options[i] * 32, 0);
+  if (sms == 0) {                               // setup errors are returned, not left sticky
+    int dev = 0, count = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev);
+    if (err == cudaSuccess && kMaxWarps * kRingBytes > 48 * 1024)
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 kMaxWarps * kRingBytes);
+    for (int i = 0; i < 4 && err == cudaSuccess; ++i)
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fits[i], kernel, warp_options[i] * 32,
+                                                          warp_options[i] * kRingBytes);
+    if (err != cudaSuccess) return err;
+    sms = count;
   }
-  const long long blocks = (long long)((N + 15) / 16) * ((M + 8 * MT - 1) / (8 * MT));
+  const int tiles = (N + 15) / 16;
+  const long long blocks = (long long)tiles * ((M + 8 * MT - 1) / (8 * MT));
   int warps = 1;
   double best = 1e30;
   for (int i = 0; i < 4; ++i) {
@@ -253,37 +326,36 @@ cudaError_t launch_tiles(const T* x, const uint4* qw, const float2* sp, const ui
     const double cost = (double)waves * ((K / 64 + w - 1) / w) + 1e-3 * waves;
     if (cost < best) best = cost, warps = w;
   }
-  kernel<<<dim3((N + 15) / 16, (M + 8 * MT - 1) / (8 * MT)), warps * 32, 0, stream>>>(
-      x, qw, sp, zp, y, M, N, K, group_chunks, G);
+  if (forced > 0) warps = forced < kMaxWarps ? forced : kMaxWarps;
+  kernel<<<dim3(tiles, (M + 8 * MT - 1) / (8 * MT)), warps * 32, warps * kRingBytes, stream>>>(
+      x, qw, meta, y, M, N, K, group_chunks);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch(const void* x, const void* qweight, const void* scales, const void* zeros,
-                   void* y, int M, int N, int K, int group_size, int G, cudaStream_t stream) {
+cudaError_t launch(const void* x, const void* qweight, const void* meta, void* y, int M, int N,
+                   int K, int group_size, int warps, cudaStream_t stream) {
   const T* xp = static_cast<const T*>(x);
   T* yp = static_cast<T*>(y);
   const uint4* qw = static_cast<const uint4*>(qweight);
-  const float2* sp = static_cast<const float2*>(scales);
-  const uint32_t* zp = static_cast<const uint32_t*>(zeros);
-  if (M <= 8) return launch_tiles<T, 1>(xp, qw, sp, zp, yp, M, N, K, group_size / 64, G, stream);
-  return launch_tiles<T, 2>(xp, qw, sp, zp, yp, M, N, K, group_size / 64, G, stream);
+  const uint2* mp = static_cast<const uint2*>(meta);
+  if (M <= 8) return launch_tiles<T, 1>(xp, qw, mp, yp, M, N, K, group_size / 64, warps, stream);
+  return launch_tiles<T, 2>(xp, qw, mp, yp, M, N, K, group_size / 64, warps, stream);
 }
 
 }  // namespace gptq_lab
 
 // x [M, K] (K a multiple of 64, rows contiguous), y [M, N]; dtype 0 = fp16, 1 = bf16.
-// group_size: kernel rows per group, a multiple of 64 (K for per-channel); G = K / group_size.
-extern "C" cudaError_t gptq_lab_int4_decode(const void* x, const void* qweight,
-                                            const void* scales, const void* zeros, void* y,
-                                            int M, int N, int K, int group_size, int G,
-                                            int dtype, cudaStream_t stream) {
+// group_size: kernel rows per group, a multiple of 64 dividing K (K for per-channel).
+// warps: warps per block (1..8), or 0 to let the launcher choose.
+extern "C" cudaError_t gptq_lab_int4_decode(const void* x, const void* qweight, const void* meta,
+                                            void* y, int M, int N, int K, int group_size,
+                                            int warps, int dtype, cudaStream_t stream) {
   if (M <= 0 || N <= 0) return cudaSuccess;
-  if (K <= 0 || K % 64 || group_size <= 0 || group_size % 64 || (long long)G * group_size != K)
+  if (K <= 0 || K % 64 || group_size <= 0 || group_size % 64 || K % group_size)
     return cudaErrorInvalidValue;
   return dtype == 1
-             ? gptq_lab::launch<__nv_bfloat16>(x, qweight, scales, zeros, y, M, N, K,
-                                               group_size, G, stream)
-             : gptq_lab::launch<__half>(x, qweight, scales, zeros, y, M, N, K, group_size, G,
-                                        stream);
+             ? gptq_lab::launch<__nv_bfloat16>(x, qweight, meta, y, M, N, K, group_size, warps,
+                                               stream)
+             : gptq_lab::launch<__half>(x, qweight, meta, y, M, N, K, group_size, warps, stream);
 }

@@ -1,0 +1,93 @@
+"""Tune the CUDA decode kernel: ring depths (compile-time) x warps per block, in one GPU call.
+
+    python benchmarks/cuda_variants.py --build 4,8,16          # compile the variants (parallel)
+    python benchmarks/cuda_variants.py --stages 4,8,16 --batches 1,16
+
+Each variant is checked against the float64 product of the dequantized weight before it is
+timed; times are GPU time of CUDA-graph replays with L2 flushed (as benchmarks/kernels.py),
+fp16 ``torch.matmul`` on the same call as the baseline. The table goes to stdout and, with
+$OUT set, JSON to $OUT/cuda_variants.json. Production uses the default depth in
+kernels/cuda/int4_decode.cu and the launcher's choice of warps (column "auto").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from kernels import bench, gptq_layer
+
+ARCH_90 = ("-gencode=arch=compute_90,code=sm_90",)
+SHAPES = ["4096x4096", "4096x11008", "11008x4096", "8192x8192", "8192x28672", "28672x8192"]
+
+
+def build(variant: str):
+    """variant "S" (ring depth S) or "S/A" (depth S, ablation A: see int4_decode.cu)."""
+    from gptq_lab.kernels import cuda_ops
+    stages, _, ablate = variant.partition("/")
+    return cuda_ops._build(int(stages), ARCH_90, int(ablate or 0))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--build", default=None, help="only compile these depths, in parallel processes")
+    ap.add_argument("--stages", default="8")
+    ap.add_argument("--warps", default="0,2,4,8", help="0 = the launcher's choice")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--batches", default="1,16")
+    args = ap.parse_args()
+    if args.build:
+        procs = [subprocess.Popen([sys.executable, __file__, "--build-one", s]) for s in args.build.split(",")]
+        sys.exit(max(p.wait() for p in procs))
+    from gptq_lab.kernels import cuda_pack
+    from gptq_lab.kernels.reference import dequantize_gptq
+    stages = args.stages.split(",")
+    warps = [int(w) for w in args.warps.split(",")]
+    rows = []
+    print(f"{torch.cuda.get_device_name()}", flush=True)
+    for shape in args.shapes.split(","):
+        k, n = map(int, shape.split("x"))
+        layer = gptq_layer(k, n)
+        w16 = torch.randn(k, n, device="cuda", dtype=torch.float16)
+        p = cuda_pack.prepare(*layer, 4, torch.float16)
+        w_ref = dequantize_gptq(*layer, 4).double()
+        for m in (int(b) for b in args.batches.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            ref = x.double() @ w_ref
+            row = {"shape": shape, "M": m, "fp16_us": bench(lambda: torch.matmul(x, w16))}  # noqa: B023
+            for s in stages:
+                ext = build(s)
+                for w in warps:
+                    def call():
+                        return ext.int4_decode(x, p.qweight, p.meta, p.group_size,  # noqa: B023
+                                               p.out_features, w)                # noqa: B023
+                    try:
+                        y = call()
+                    except RuntimeError as e:
+                        print(f"stages {s} warps {w} {shape} M={m}: {e}", flush=True)
+                        continue
+                    err = float((y.double() - ref).norm() / ref.norm())
+                    if not err < 2e-3 and "/" not in s:
+                        raise SystemExit(f"stages {s} warps {w} {shape} M={m}: rel. error {err:.2e}")
+                    row[f"v:s{s}w{w}"] = bench(call)
+            rows.append(row)
+            bytes_ = k * n // 2
+            best = min((v, c) for c, v in row.items() if c.startswith("v:"))
+            print(f"{shape:>11} M={m:<3} fp16 {row['fp16_us']:7.1f}  "
+                  + "  ".join(f"{c} {v:6.1f}" for c, v in row.items() if c.startswith("v:"))
+                  + f"  | best {best[1]} {best[0]:.1f} us = {bytes_ / best[0] / 1e3:.0f} GB/s"
+                  f" x{row['fp16_us'] / best[0]:.2f}", flush=True)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "cuda_variants.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--build-one":
+        build(sys.argv[2])
+    else:
+        main()
