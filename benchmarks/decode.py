@@ -106,7 +106,7 @@ def measure(model, shape: str, dtype: str, paths: list[str], settings: DecodeSet
 
 
 def run_shape(shape: str, paths: list[str], device: torch.device, settings: DecodeSettings,
-              workdir: Path) -> list[dict]:
+              workdir: Path, kernels: tuple[str, ...] = ("default",)) -> list[dict]:
     log(f"{shape}: building the fp16 model")
     model = build_float(shape, device)
     rows = measure(model, shape, "fp16", paths, settings)
@@ -116,13 +116,15 @@ def run_shape(shape: str, paths: list[str], device: torch.device, settings: Deco
         make_checkpoint(model, ckpt)
         del model
         free()
-        log(f"{shape}: load the checkpoint")
-        model = prepare_model(load(ckpt, device=device, dtype=torch.float16), release_checkpoint=True)
+        for kernel in kernels:                      # "default": Triton; "cuda": + CUDA decode kernel
+            log(f"{shape}: load the checkpoint ({kernel} kernels)")
+            model = prepare_model(load(ckpt, device=device, dtype=torch.float16), release_checkpoint=True,
+                                  cuda_decode=kernel == "cuda")
+            rows += measure(model, shape, "int4" if kernel == "default" else f"int4 {kernel}", paths, settings)
+            del model
+            free()
     finally:
         shutil.rmtree(ckpt, ignore_errors=True)
-    rows += measure(model, shape, "int4", paths, settings)
-    del model
-    free()
     return rows
 
 
@@ -142,14 +144,16 @@ def table(rows: list[dict], settings: DecodeSettings, header: str) -> str:
                      + " | ".join(cell(r[n]) for n in names) + " |")
         base = next((b for b in rows if b["dtype"] == "fp16" and b["shape"] == r["shape"]
                      and b["path"] == r["path"] and "error" not in b), None)
-        if r["dtype"] == "int4" and base is not None:
+        if r["dtype"].startswith("int4") and base is not None:
             ratios = [f"{r[n] / base[n]:.2f}x" if base[n] and not math.isnan(base[n] + r[n]) else "-"
                       for n in names]
-            lines.append(f"| {r['shape']} | {r['path']} | int4/fp16 | " + " | ".join(ratios) + " |")
+            lines.append(f"| {r['shape']} | {r['path']} | {r['dtype']}/fp16 | " + " | ".join(ratios) + " |")
     lines += ["", ("tokens/s: decode bB pT = B sequences after a T-token prompt, new tokens only "
                    f"({settings.new_tokens} per sequence); prefill = prompt tokens / time to first token. "
                    "GB: weights (parameters + buffers), peak allocation during the path's runs. "
-                   "int4/fp16 rows: ratios (speedups for tokens/s, fractions for GB).")]
+                   "int4/fp16 rows: ratios (speedups for tokens/s, fractions for GB). "
+                   "int4: Triton kernels; int4 cuda: prepare_model(cuda_decode=True), calls of up to "
+                   "16 rows on the CUDA decode kernel (both layouts kept).")]
     return "\n".join(lines)
 
 
@@ -161,6 +165,8 @@ def main(argv=None) -> str:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batches", default=None, help="batch sizes besides 1 (default 8,32)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per figure (median)")
+    ap.add_argument("--kernels", default="default",
+                    help="int4 variants, comma list of default (Triton) and cuda (prepare_model(cuda_decode=True))")
     ap.add_argument("--no-compile", action="store_true",
                     help="fast path without torch.compile (default with --tiny on CPU)")
     args = ap.parse_args(argv)
@@ -183,7 +189,7 @@ def main(argv=None) -> str:
     rows = []
     with tempfile.TemporaryDirectory(prefix="gptq_lab_decode_") as tmp:
         for shape in shapes:
-            rows += run_shape(shape, paths, device, settings, Path(tmp))
+            rows += run_shape(shape, paths, device, settings, Path(tmp), tuple(args.kernels.split(",")))
     import transformers
     header = (f"Decode benchmark on {card}: torch {torch.__version__}, transformers "
               f"{transformers.__version__}; int4 = GPTQ checkpoint (RTN, 4-bit g128 sym) via gptq_lab.load; "

@@ -3,11 +3,15 @@
     python benchmarks/kernels.py --out kernels.txt          # full table (H100: ~3 min)
     python benchmarks/kernels.py --shapes 8192x8192 --batches 1,16
 
-Every timing is GPU time: the call is captured once in a CUDA graph and each replay is timed
-by ``triton.testing.do_bench`` (median), which flushes the L2 cache before each run, so weights
-always come from device memory and Python launch costs do not count (decode runs under CUDA
-graphs). "ours eager" times plain calls instead (host cost included as far as the flush does
-not hide it). Columns per kernel: microseconds,
+Every timing is GPU time of CUDA-graph replays (decode runs under CUDA graphs), so Python
+launch costs do not count. Two ways to keep weights out of the L2 cache (``--timing``):
+``rotate`` (default): each kernel runs back to back on R copies of the layer's weights (R x
+weight bytes > 3 x L2), captured in one graph, timed with CUDA events, median replay / R; like
+a model's forward, where each layer's weights are cold and the L2 holds clean lines.
+``flush``: one call per graph, each replay timed by ``triton.testing.do_bench`` after it
+zero-fills a 256 MB buffer; the L2 is then full of dirty lines that must be written back while
+the kernel runs, which costs a small kernel a large share of its time (measured so before
+2026-11-27). "ours eager" times plain calls (host cost included). Columns per kernel: microseconds,
 achieved GB/s (the bytes it must move: weights, scales/zeros, x and the output, once), percent
 of the card's peak memory bandwidth, and speedup over fp16 ``torch.matmul``. int4pack is
 ``torch.ops.aten._weight_int4pack_mm`` on bf16 (its only dtype), group size 128.
@@ -58,9 +62,49 @@ def int4pack(k: int, n: int, group: int = 128):
     return packed, sz
 
 
-def bench(fn) -> float:
+TIMING = {"mode": "rotate"}
+
+
+def bench(fn, rotate=None) -> float:
+    """GPU microseconds of one call. ``rotate``: the same call on each weight copy (a list of
+    callables); used in "rotate" mode, else ``fn`` alone with an L2 flush."""
+    if TIMING["mode"] == "rotate" and rotate:
+        return rotating_time(rotate) * 1e3
     from gptq_lab.kernels.triton_tune import gpu_time
     return gpu_time(fn, warmup=10, rep=60) * 1e3                            # microseconds
+
+
+def rotating_time(fns, replays: int = 30) -> float:
+    """Median milliseconds per call of ``fns`` run back to back in one CUDA graph."""
+    for f in fns:
+        f()                                                      # compile, tune, allocate
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    times = []
+    for i in range(replays + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end))
+    del graph
+    return sorted(times)[len(times) // 2] / len(fns)
+
+
+def copies_for(weight_bytes: int) -> int:
+    """Weight copies to rotate through: together at least 3 x the L2 size, and at least 2."""
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
+    return max(2, -(-3 * l2 // weight_bytes))
 
 
 def bench_eager(fn) -> float:
@@ -106,23 +150,29 @@ def bench_shape(k: int, n: int, batches, act_order: bool, with_cuda: bool = True
     if with_cuda:
         from gptq_lab.kernels import cuda_ops, cuda_pack
         p_cuda = cuda_pack.prepare(*layer, 4, torch.float16)
+    rot = _copies(k, n, w16, p, (packed, sz), p_cuda) if TIMING["mode"] == "rotate" else None
     w_ref = _dequant_sym(layer)                                                  # [K, N] fp32
     groups, rows = k // 128, []
     for m in batches:
         x16 = torch.randn(m, k, device="cuda", dtype=torch.float16)
         xbf = x16.to(torch.bfloat16)
         io = 2 * m * (k + n)
-        r = {"shape": f"{k}x{n}", "K": k, "N": n, "M": m}
-        r["fp16_us"] = bench(lambda: torch.matmul(x16, w16))                    # noqa: B023
+        r = {"shape": f"{k}x{n}", "K": k, "N": n, "M": m, "timing": TIMING["mode"]}
+        r["fp16_us"] = bench(lambda: torch.matmul(x16, w16),                    # noqa: B023
+                             rot and [lambda w=c["w16"]: torch.matmul(x16, w)  # noqa: B023
+                                      for c in rot if "w16" in c])
         r["fp16_bytes"] = 2 * k * n + io
         r["int4pack_us"] = bench(
-            lambda: torch.ops.aten._weight_int4pack_mm(xbf, packed, 128, sz))   # noqa: B023
+            lambda: torch.ops.aten._weight_int4pack_mm(xbf, packed, 128, sz),   # noqa: B023
+            rot and [lambda w=c["int4pack"]: torch.ops.aten._weight_int4pack_mm(xbf, w[0], 128, w[1])  # noqa: B023
+                     for c in rot])
         r["int4pack_bytes"] = k * n // 2 + 4 * groups * n + io
         t0 = time.time()
         y = matmul(x16, p)                                                        # tunes
         r["tune_s"] = round(time.time() - t0, 2)
         ours = lambda: matmul(x16, p)                                             # noqa: B023
-        r["ours_us"], r["ours_eager_us"] = bench(ours), bench_eager(ours)
+        r["ours_us"] = bench(ours, rot and [lambda q=c["triton"]: matmul(x16, q) for c in rot])  # noqa: B023
+        r["ours_eager_us"] = bench_eager(ours)
         r["ours_host_us"] = host_us(ours)
         r["ours_bytes"] = k * n // 2 + 2 * groups * n + io
         key = triton_tune.tuning_key(x16, p)
@@ -136,12 +186,27 @@ def bench_shape(k: int, n: int, batches, act_order: bool, with_cuda: bool = True
         r["rel_err"] = float((y.float() - ref).norm() / ref.norm())
         if p_cuda is not None:
             y_cuda = cuda_ops.cuda_mm(x16, p_cuda)
-            r["cuda_us"] = bench(lambda: cuda_ops.cuda_mm(x16, p_cuda))               # noqa: B023
+            r["cuda_us"] = bench(lambda: cuda_ops.cuda_mm(x16, p_cuda),               # noqa: B023
+                                 rot and [lambda q=c["cuda"]: cuda_ops.cuda_mm(x16, q) for c in rot])  # noqa: B023
             r["cuda_bytes"] = k * n // 2 + 4 * groups * n + io
             r["cuda_rel_err"] = float((y_cuda.float() - ref).norm() / ref.norm())
         rows.append(r)
         print(_row_line(r), flush=True)
     return rows
+
+
+def _copies(k: int, n: int, w16, p, int4pack_pair, p_cuda) -> list[dict]:
+    """The layer and R - 1 more random copies, in each kernel's layout (for "rotate" timing)."""
+    from gptq_lab.kernels import cuda_pack
+    from gptq_lab.kernels.triton_pack import prepare
+    copies = [{"w16": w16, "triton": p, "int4pack": int4pack_pair, "cuda": p_cuda}]
+    for _ in range(copies_for(k * n // 2) - 1):
+        layer = gptq_layer(k, n)
+        copies.append({"triton": prepare(*layer, 4), "int4pack": int4pack(k, n),
+                       "cuda": p_cuda and cuda_pack.prepare(*layer, 4, torch.float16)})
+    for c in copies[1:copies_for(2 * k * n)]:
+        c["w16"] = torch.randn(k, n, device="cuda", dtype=torch.float16)
+    return copies
 
 
 def _dequant_sym(layer):
@@ -159,9 +224,11 @@ def _row_line(r):
 
 
 def table(rows, card: str, peak: float, copy_gbs: float) -> str:
+    how = ("weights rotated through copies > 3 x L2, back to back in one graph (median)"
+           if rows and rows[0].get("timing") == "rotate" else
+           "L2 flushed before each (triton do_bench, median)")
     head = (f"Card: {card}; peak {peak:.0f} GB/s (datasheet), device-to-device copy measured "
-            f"{copy_gbs:.0f} GB/s. GPU time of CUDA-graph replays, L2 flushed before each "
-            f"(triton do_bench, median).\n"
+            f"{copy_gbs:.0f} GB/s. GPU time of CUDA-graph replays, {how}.\n"
             "Ours: int4 g128 sym fp16; int4pack: torch _weight_int4pack_mm bf16 g128; "
             "fp16: torch.matmul [M,K]@[K,N].\n\n")
     kernels = ("fp16", "int4pack", "ours") + (("cuda",) if all("cuda_us" in r for r in rows)
@@ -282,11 +349,14 @@ def main(argv=None):
     ap.add_argument("--act-order", action="store_true", help="also time an act-order layer")
     ap.add_argument("--out", help="write the table here (and the raw rows to OUT.json)")
     ap.add_argument("--no-cuda", action="store_true", help="leave out the CUDA decode kernel")
+    ap.add_argument("--timing", choices=("rotate", "flush"), default="rotate",
+                    help="keep weights out of L2 by rotating copies (default) or flushing it")
     ap.add_argument("--report", action="store_true", help="print each chosen kernel's resources")
     ap.add_argument("--dump", help="with --report: write each chosen kernel's TTGIR and SASS here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
+    TIMING["mode"] = args.timing
     card = torch.cuda.get_device_name()
     peak, copy_gbs = peak_bandwidth(card), copy_bandwidth()
     rows = run(args.shapes.split(","), [int(b) for b in args.batches.split(",")], args.act_order,

@@ -56,7 +56,7 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qz
                 g_idx: torch.Tensor, bits: int, backend: str | None = None) -> torch.Tensor:
     """``x`` [M, K] @ dequantized W [K, N] -> [M, N] in x's dtype (no bias).
 
-    With no ``backend``: on CUDA, small-batch fp16/bf16 4-bit calls (2 <= M <= 16) take the CUDA
+    With no ``backend``: on CUDA, small-batch fp16/bf16 4-bit calls (1 <= M <= 16) take the CUDA
     kernel where it builds and fits the layer, other fp16/bf16 calls Triton, the rest (float32,
     3-bit, CPU) the torch reference.
     """

@@ -26,7 +26,7 @@ from .ops import cached_layout
 
 SOURCES = [Path(__file__).parent / "cuda" / n for n in ("binding.cpp", "int4_decode.cu")]
 ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
-MIN_M, MAX_M = 2, 16    # where it beat Triton on an H200 (batch 1: Triton is as fast or faster)
+MIN_M, MAX_M = 1, 16    # where it beats Triton (H200, 2026-11-27: batch 1 too, since v3)
 
 
 @functools.cache

@@ -159,10 +159,25 @@ def test_gpu_prepared_triton_paths_match_the_reference(act_order):
 
 @pytest.mark.gpu
 @cuda
-def test_gpu_compiled_cuda_graph_decode_equals_eager():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gpu_cuda_decode_layout_matches_the_reference(act_order):
+    result, layer = rtn_layer(512, 256, 4, 128, act_order=act_order, bias=True)
+    x = torch.randn(300, 512).half()
+    expected = reference_output(result, layer, x.float())                           # on the CPU
+    layer = layer.cuda().prepare(release_checkpoint=True, cuda_decode=True)
+    assert layer.cuda_qweight is not None and layer.qweight.numel() == 0
+    for m in (1, 16, 17, 300):                              # CUDA kernel up to 16 rows, then Triton
+        err = (layer(x[:m].cuda()).double().cpu() - expected[:m]).norm() / expected[:m].norm()
+        assert err < 3e-3, f"m={m}: relative error {err:.2e}"
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("cuda_decode", [False, True])
+def test_gpu_compiled_cuda_graph_decode_equals_eager(cuda_decode):
     model = quantized_llama(group_size=64)
     model.lm_head.weight.data *= 30                       # peaked logits: fp16 rounding cannot flip argmax
-    model = prepare_model(model.cuda().half(), release_checkpoint=True)
+    model = prepare_model(model.cuda().half(), release_checkpoint=True, cuda_decode=cuda_decode)
     assert all(q.backend == "triton" and q.qweight.numel() == 0 for q in quant_linears(model).values())
     ids = token_ids(2, 8).cuda()
     eager = eager_greedy(model, ids, 10)
