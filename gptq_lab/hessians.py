@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .arch import block_linears, family_of, get_blocks, in_out_features
+from .checks import check_calibration, check_model
 from .config import QuantConfig
 from .gptq import (
     GPTQResult,
@@ -35,15 +36,7 @@ from .gptq import (
     rtn_result,
     solve,
 )
-from .pipeline import (
-    _check_calibration,
-    _default_compute_dtype,
-    _run_block,
-    _to,
-    capture_block_inputs,
-    check_model,
-    scoped_hooks,
-)
+from .pipeline import _default_compute_dtype, _run_block, _to, capture_block_inputs, scoped_hooks
 
 Progress = Callable[[int, int, str], None]
 
@@ -106,7 +99,7 @@ def collect_hessians(model: nn.Module, ids: torch.Tensor, names: list[str] | Non
         raise KeyError(f"no quantizable linear called {sorted(wanted - set(block_of))[:3]}; names look like "
                        f"{next(iter(block_of))!r}")
     last = max(block_of[n] for n in wanted)                 # stop after the last block needed
-    inputs = capture_block_inputs(model, blocks[0], _check_calibration(model, ids), batch_size, device)
+    inputs = capture_block_inputs(model, blocks[0], check_calibration(model, ids), batch_size, device)
     out: dict[str, torch.Tensor] = {}
     for i, block in enumerate(blocks[:last + 1]):
         prefix = f"{family.blocks}.{i}"

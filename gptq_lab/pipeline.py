@@ -43,8 +43,9 @@ from .arch import (
     set_weight_matrix,
     weight_matrix,
 )
+from .checks import check_calibration, check_config, check_model, check_weights, linear_names
 from .config import QuantConfig
-from .errors import CalibrationError, ConfigError, NumericalError, UnsupportedModelError
+from .errors import ConfigError, NumericalError
 from .gptq import GPTQResult, HessianAccumulator, inverse_factor, rtn_result, solve
 from .progress import Progress
 from .progress import resolve as resolve_progress
@@ -66,46 +67,6 @@ def scoped_hooks(handles_factory):
     finally:
         for h in handles:
             h.remove()
-
-
-def check_model(model: nn.Module) -> None:
-    for name, p in model.named_parameters():
-        if p.device.type == "meta":
-            raise UnsupportedModelError(f"parameter {name} is on the meta device (not loaded); load the "
-                                        f"model's weights before quantizing it")
-    if any(type(m).__name__ == "QuantLinear" for m in model.modules()):
-        raise UnsupportedModelError("this model is already quantized (it holds QuantLinear layers); "
-                                    "quantize the float model instead")
-
-
-def linear_names(model: nn.Module) -> list[str]:
-    """Full names of every quantizable linear, in block and true-sequential order."""
-    family = family_of(model)
-    return [f"{family.blocks}.{i}.{n}" for i in range(len(get_blocks(model, family))) for n in family.linears]
-
-
-def _check_weights(model: nn.Module, names: list[str]) -> None:
-    """NaN/Inf in a weight to be quantized fails here, before any work, naming the layers."""
-    bad = [f"{n} ({int((~torch.isfinite(w)).sum())} of {w.numel()} values)"
-           for n in names if not bool(torch.isfinite(w := weight_matrix(model.get_submodule(n))).all())]
-    if bad:
-        raise NumericalError(f"NaN or Inf in the weights of {', '.join(bad[:5])}"
-                             f"{f' and {len(bad) - 5} more layers' if len(bad) > 5 else ''}; the model is "
-                             f"corrupt (or overflowed when cast): reload it in float32 before quantizing")
-
-
-def _check_config(model: nn.Module, config: QuantConfig) -> list[str]:
-    names = linear_names(model)
-    if not names:
-        raise UnsupportedModelError(f"the model has no {family_of(model).blocks} blocks: nothing to quantize")
-    unused = config.unused_overrides(names)
-    if unused:
-        raise ConfigError(f"override patterns {unused} match no layer; layer names look like {names[0]!r}")
-    notes = []
-    for name in names:
-        k, _ = in_out_features(model.get_submodule(name))
-        notes += config.check_layer(name, k)
-    return notes
 
 
 def quantize_model(model: nn.Module, calibration: torch.Tensor | None = None,
@@ -147,8 +108,8 @@ def quantize_model(model: nn.Module, calibration: torch.Tensor | None = None,
         check_model(model)
         family = family_of(model)
         blocks = get_blocks(model, family)
-        notes = _check_config(model, config)
-        _check_weights(model, linear_names(model))
+        notes = check_config(model, config)
+        check_weights(model, linear_names(model))
     for note in dict.fromkeys(n.split(": ", 1)[1] for n in notes):
         warnings.warn(note, stacklevel=2)
     progress = resolve_progress(progress, f"{method} {config.bits}-bit")
@@ -160,7 +121,7 @@ def quantize_model(model: nn.Module, calibration: torch.Tensor | None = None,
         model.gptq_config = config
         return results
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ids = distributed.shard_calibration(_check_calibration(model, calibration))
+    ids = distributed.shard_calibration(check_calibration(model, calibration))
     dtype = compute_dtype or _default_compute_dtype(model, device)
     store = torch.device("cpu") if offload_activations else device
     state = None
@@ -289,31 +250,6 @@ def _rtn_model(blocks, family, config, prefix, progress, on_block):
             on_block(i, named)
         progress(i + 1, len(blocks), f"block {i}")
     return results
-
-
-def _check_calibration(model: nn.Module, ids: torch.Tensor | None) -> torch.Tensor:
-    if ids is None:
-        raise CalibrationError("GPTQ needs calibration token ids [n_samples, seqlen]; see "
-                               "gptq_lab.data.calibration_windows")
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-        raise CalibrationError(f"calibration must be an integer tensor [n_samples, seqlen] of token ids, got "
-                               f"{getattr(ids, 'dtype', type(ids))} {tuple(getattr(ids, 'shape', ()))}; "
-                               f"tokenize with gptq_lab.data.calibration_windows (int64 ids)")
-    if ids.numel() == 0:
-        raise CalibrationError(f"calibration is empty (shape {tuple(ids.shape)}); pass at least one window "
-                               f"of token ids, e.g. gptq_lab.data.calibration_windows(tokenizer, n_samples=128)")
-    if ids.device.type == "meta":
-        raise CalibrationError("calibration ids are on the meta device, which holds no values; pass real "
-                               "token ids (on any device: they are moved to the model's)")
-    vocab = model.get_input_embeddings().num_embeddings
-    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-        raise CalibrationError(f"token ids must lie in [0, {vocab}); got [{int(ids.min())}, {int(ids.max())}]."
-                               f" Was the calibration tokenized with this model's tokenizer?")
-    ctx = getattr(model.config, "max_position_embeddings", None)
-    if ctx and ids.shape[1] > ctx:
-        raise CalibrationError(f"windows of {ids.shape[1]} tokens exceed the model's context of {ctx}; "
-                               f"use seqlen <= {ctx}")
-    return ids.long()
 
 
 Inputs = list[tuple[torch.Tensor, dict]]

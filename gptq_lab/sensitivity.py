@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import family_of, get_blocks, in_out_features, set_weight_matrix, weight_matrix
+from .checks import linear_names
 from .config import SUPPORTED_BITS, QuantConfig
 from .errors import ConfigError
 from .hessians import CachedLayer
-from .pipeline import linear_names
 
 Progress = Callable[[int, int, str], None]
 DEFAULT_CONFIG = QuantConfig(bits=4, group_size=128, sym=True)

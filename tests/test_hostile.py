@@ -29,7 +29,7 @@ from gptq_lab import (
     quantize_model,
     solve,
 )
-from gptq_lab.pipeline import linear_names
+from gptq_lab.checks import linear_names
 
 CFG = QuantConfig(bits=4, group_size=32)
 

@@ -4,7 +4,7 @@ import torch
 import transformers as tf
 
 from gptq_lab import ConfigError, QuantConfig, UnsupportedModelError, quantize_model
-from gptq_lab.pipeline import linear_names
+from gptq_lab.checks import linear_names
 from gptq_lab.quant import pack_qweight, pack_qzeros
 
 H, FF, V, CTX = 64, 128, 96, 64

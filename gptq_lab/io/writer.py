@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..atomic import atomic_dir
+from ..checks import linear_names
 from ..config import QuantConfig
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
-from ..pipeline import linear_names
 from ..qlinear import CONFIG_ATTR, QuantLinear, infer_config, quant_linears
 from ..quant import maxq, pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
 from .format import FORMATS, INDEX_NAME, QUANTIZE_CONFIG_NAME, WEIGHTS_NAME, quantization_config

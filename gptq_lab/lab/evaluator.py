@@ -24,10 +24,11 @@ import plotly.graph_objects as go
 import torch
 from torch import nn
 
+from ..checks import linear_names
 from ..data import eval_windows
 from ..eval import agreement, forward_speed, perplexity
 from ..generate import weight_bytes
-from ..pipeline import linear_names, scoped_hooks
+from ..pipeline import scoped_hooks
 from ..qlinear import quant_linears
 from . import views
 from .widgets import Progress, figure_widget, ipython_display, refresh

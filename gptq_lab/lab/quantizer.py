@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 from ..arch import family_of, get_blocks, set_weight_matrix, weight_matrix
+from ..checks import linear_names
 from ..config import QuantConfig
 from ..gptq import GPTQResult
 from ..hessians import CachedLayer, output_error
-from ..pipeline import linear_names, quantize_model
+from ..pipeline import quantize_model
 from . import views
 from .widgets import Progress, figure_widget, in_notebook, ipython_display, refresh, show
 
