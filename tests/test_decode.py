@@ -128,6 +128,27 @@ def test_benchmark_smoke_run_on_cpu(monkeypatch, tmp_path):
     assert (tmp_path / "decode.txt").read_text() == text + "\n"
 
 
+def test_profile_benchmark_smoke_run_on_cpu(monkeypatch, tmp_path):
+    bench_dir = Path(__file__).parent.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))
+    spec = importlib.util.spec_from_file_location("decode_profile", bench_dir / "decode_profile.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    text = bench.main(["--tiny", "--device", "cpu"])
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith(("| fp16", "| int4"))]
+    assert [r[0] for r in rows] == ["| fp16", "| int4 (cuda)"]
+    for r in rows:                                   # the groups add up to the kernels' total
+        groups = [float(c.split()[0]) for c in r[1:5]]
+        assert float(r[5]) == pytest.approx(sum(groups), abs=2e-3) and float(r[5]) > 0
+    assert bench.group_of("void gptq_lab::int4_decode_kernel<__half, 1>(...)") == "int4 matmul"
+    assert bench.group_of("_gemv_kernel") == "int4 matmul"
+    assert bench.group_of("sm90_xmma_gemm_f16f16_f16f32") == "float matmul"
+    assert bench.group_of("flash_fwd_kernel") == "attention"
+    assert bench.group_of("vectorized_elementwise_kernel") == "other"
+    assert (tmp_path / "decode_profile.txt").read_text() == text + "\n"
+
+
 def test_evaluator_reports_the_same_figures():
     pytest.importorskip("plotly")
     from gptq_lab.lab import Evaluator
