@@ -81,6 +81,21 @@ def make_checkpoint(model: torch.nn.Module, directory: Path) -> None:
     save(model, directory, results)
 
 
+def load_int4(directory: Path, device: torch.device, kernel: str = "default") -> torch.nn.Module:
+    """The checkpoint in ``directory`` loaded in fp16 and prepared for inference, checkpoint
+    layout released; ``kernel`` "cuda" also keeps the CUDA decode kernel's layout."""
+    return prepare_model(load(directory, device=device, dtype=torch.float16), release_checkpoint=True,
+                         cuda_decode=kernel == "cuda")
+
+
+def emit(text: str, filename: str) -> None:
+    """Print ``text``; also write it to $OUT/``filename`` (atomically) when OUT is set."""
+    print(text)
+    if os.environ.get("OUT"):
+        from gptq_lab.atomic import atomic_write_text
+        atomic_write_text(Path(os.environ["OUT"]) / filename, text + "\n")
+
+
 def free(*_refs) -> None:
     """Drop compiled graphs, CUDA-graph pools, dequant buffers and cached blocks."""
     torch._dynamo.reset()
@@ -118,8 +133,7 @@ def run_shape(shape: str, paths: list[str], device: torch.device, settings: Deco
         free()
         for kernel in kernels:                      # "default": Triton; "cuda": + CUDA decode kernel
             log(f"{shape}: load the checkpoint ({kernel} kernels)")
-            model = prepare_model(load(ckpt, device=device, dtype=torch.float16), release_checkpoint=True,
-                                  cuda_decode=kernel == "cuda")
+            model = load_int4(ckpt, device, kernel)
             rows += measure(model, shape, "int4" if kernel == "default" else f"int4 {kernel}", paths, settings)
             del model
             free()
@@ -195,10 +209,7 @@ def main(argv=None) -> str:
               f"{transformers.__version__}; int4 = GPTQ checkpoint (RTN, 4-bit g128 sym) via gptq_lab.load; "
               f"fast path {'compiled (CUDA graphs on GPU)' if settings.compile else 'NOT compiled'}")
     text = table(rows, settings, header)
-    print(text)
-    if os.environ.get("OUT"):
-        from gptq_lab.atomic import atomic_write_text
-        atomic_write_text(Path(os.environ["OUT"]) / "decode.txt", text + "\n")
+    emit(text, "decode.txt")
     return text
 
 

@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import re
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from decode import SHAPES, build_float, free, make_checkpoint
+from decode import SHAPES, build_float, emit, free, load_int4, make_checkpoint
 
-from gptq_lab import load
-from gptq_lab.generate import StaticGreedy, prepare_model
+from gptq_lab.generate import StaticGreedy
 
 GROUPS = (                                     # first match wins; names are lower-cased
     ("int4 matmul", re.compile(r"gptq|int4|_gemv|_gemm_kernel|dequant")),
@@ -115,16 +113,12 @@ def main(argv=None) -> str:
         make_checkpoint(model, Path(tmp) / "ckpt")
         del model
         free()
-        model = prepare_model(load(Path(tmp) / "ckpt", device=device, dtype=torch.float16),
-                              release_checkpoint=True, cuda_decode=args.kernels == "cuda")
+        model = load_int4(Path(tmp) / "ckpt", device, args.kernels)
     rows[f"int4 ({args.kernels})"] = profile_steps(model, prompt, steps, device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (aten op times)"
     text = table(rows, f"Decode step profile, {shape} shape, batch 1, {prompt}-token prompt, {steps} steps "
                        f"averaged, on {card}; torch {torch.__version__}")
-    print(text)
-    if os.environ.get("OUT"):
-        from gptq_lab.atomic import atomic_write_text
-        atomic_write_text(Path(os.environ["OUT"]) / "decode_profile.txt", text + "\n")
+    emit(text, "decode_profile.txt")
     return text
 
 

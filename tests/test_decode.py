@@ -167,27 +167,19 @@ def test_evaluator_reports_the_same_figures():
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("act_order", [False, True])
-def test_gpu_prepared_triton_paths_match_the_reference(act_order):
+@pytest.mark.parametrize("cuda_decode,rows", [
+    (False, (1, 16, 300)),                  # Triton: gemv, tensor-core gemm, dequant + cuBLAS
+    (True, (1, 16, 17, 300)),               # the CUDA kernel up to 16 rows, then Triton
+])
+def test_gpu_prepared_paths_match_the_reference(act_order, cuda_decode, rows):
     result, layer = rtn_layer(512, 256, 4, 128, act_order=act_order, bias=True)
     x = torch.randn(300, 512).half()
     expected = reference_output(result, layer, x.float())                           # on the CPU
-    layer = layer.cuda().prepare(release_checkpoint=True)
+    layer = layer.cuda().prepare(release_checkpoint=True, cuda_decode=cuda_decode)
     assert layer.backend == "triton" and layer.qweight.numel() == 0
-    for m in (1, 16, 300):                                  # gemv, tensor-core gemm, dequant + cuBLAS
-        err = (layer(x[:m].cuda()).double().cpu() - expected[:m]).norm() / expected[:m].norm()
-        assert err < 3e-3, f"m={m}: relative error {err:.2e}"
-
-
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("act_order", [False, True])
-def test_gpu_cuda_decode_layout_matches_the_reference(act_order):
-    result, layer = rtn_layer(512, 256, 4, 128, act_order=act_order, bias=True)
-    x = torch.randn(300, 512).half()
-    expected = reference_output(result, layer, x.float())                           # on the CPU
-    layer = layer.cuda().prepare(release_checkpoint=True, cuda_decode=True)
-    assert layer.cuda_qweight is not None and layer.qweight.numel() == 0
-    for m in (1, 16, 17, 300):                              # CUDA kernel up to 16 rows, then Triton
+    if cuda_decode:
+        assert layer.cuda_qweight is not None
+    for m in rows:
         err = (layer(x[:m].cuda()).double().cpu() - expected[:m]).norm() / expected[:m].norm()
         assert err < 3e-3, f"m={m}: relative error {err:.2e}"
 
