@@ -2,23 +2,24 @@
 
     python benchmarks/decode_profile.py                          # 7B shape, int4 with the CUDA kernel
     python benchmarks/decode_profile.py --kernels default        # int4 on the Triton kernels only
+    python benchmarks/decode_profile.py --eager                  # the uncompiled step (one kernel per op)
     python benchmarks/decode_profile.py --tiny --device cpu      # smoke run (CPU op times)
 
 The models are built as in benchmarks/decode.py (random fp16 Llama, RTN 4-bit g128 checkpoint
-loaded back with ``gptq_lab.load`` and ``prepare_model``). Each is run once through
-``StaticGreedy``'s decode step uncompiled (static KV cache), so every kernel of a step is
-launched on its own and shows in the profile: after a ``--prompt``-token prefill (not profiled)
-and one warm-up pass, ``--steps`` greedy steps are profiled with ``torch.profiler``. Kernels are grouped by name into: int4 matmul
-(our Triton and CUDA kernels), float matmul (cuBLAS / aten mm), attention, and everything else.
-Per group: device milliseconds per token and share of the step's kernel time; the last line
-compares the kernels' total with the step's wall time (the rest is launch overhead, which the
-compiled path with CUDA graphs removes). The table goes to stdout and to
-$OUT/decode_profile.txt when OUT is set.
+loaded back with ``gptq_lab.load`` and ``prepare_model``). Each runs ``StaticGreedy``'s decode
+step as the fast path does (static KV cache, ``torch.compile``, CUDA graphs on a GPU; ``--eager``
+runs it uncompiled): after a ``--prompt``-token prefill and one warm-up pass (compilation, graph
+capture, kernel tuning), ``--steps`` greedy steps are profiled with ``torch.profiler`` (kernels
+replayed from a CUDA graph are reported one by one) and, separately, timed without the profiler.
+Kernels are grouped by name into int4 matmul (our Triton and CUDA kernels), float matmul (cuBLAS
+/ aten mm), attention, and everything else. Per group: device milliseconds per token and share
+of the kernels' time; then the kernels' total against the step's wall time (the difference is
+time the GPU sat between kernels: launch gaps, host work). The busiest kernels follow each table.
+Output goes to stdout and to $OUT/decode_profile.txt when OUT is set.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import re
 import tempfile
 import time
@@ -31,9 +32,10 @@ from gptq_lab.generate import StaticGreedy
 
 GROUPS = (                                     # first match wins; names are lower-cased
     ("int4 matmul", re.compile(r"gptq|int4|_gemv|_gemm_kernel|dequant")),
-    ("float matmul", re.compile(r"gemm|gemv|cutlass|cublas|sm\d+_xmma|aten::mm|aten::addmm|aten::linear|matmul")),
+    ("float matmul", re.compile(r"gemm|gemv|cutlass|cublas|nvjet|sm\d+_xmma|aten::mm|aten::addmm|aten::linear|matmul")),
     ("attention", re.compile(r"attention|flash|fmha|sdpa|softmax")),
 )
+TOP = 12                                       # kernels listed per model
 
 
 def group_of(name: str) -> str:
@@ -41,34 +43,43 @@ def group_of(name: str) -> str:
     return next((g for g, pattern in GROUPS if pattern.search(low)), "other")
 
 
-def profile_steps(model: torch.nn.Module, prompt: int, steps: int, device: torch.device) -> tuple[dict, float]:
-    """({group: device ms per token}, wall ms per token) over ``steps`` decode steps at batch 1
-    (the prompt's prefill runs before the profiler starts)."""
+def profile_steps(model: torch.nn.Module, prompt: int, steps: int, device: torch.device,
+                  compiled: bool) -> tuple[dict, float, list]:
+    """({group: device ms per token}, wall ms per token, [(ms per token, calls per token, name)]
+    of the busiest kernels) over ``steps`` decode steps at batch 1 after a ``prompt`` prefill."""
     from torch.profiler import ProfilerActivity, profile
-    greedy = StaticGreedy(model, compile=False)
+    greedy = StaticGreedy(model, compile=compiled)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt),
                         generator=torch.Generator().manual_seed(0)).to(device)
     positions = torch.arange(prompt, prompt + steps, device=device)
 
-    def decode(record=None):
+    def decode(record=None) -> float:
         cache = greedy.cache(1, prompt + steps + 1)
         token = greedy.prefill(ids, cache)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
+        sync(device)
+        if record is not None:
+            record.__enter__()
         t0 = time.perf_counter()
-        with record or contextlib.nullcontext():
-            for i in range(steps):
-                token = greedy.uncompiled(token, cache, positions[i:i + 1])
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
+        for i in range(steps):
+            if greedy.compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            token = greedy.step(token, cache, positions[i:i + 1]).clone()
+        sync(device)
+        elapsed = time.perf_counter() - t0
+        if record is not None:
+            record.__exit__(None, None, None)
+        return elapsed
 
     with torch.no_grad():
-        decode()                                                 # warm-up: tunes kernels, allocates
+        for _ in range(2):
+            decode()                                  # compile, capture graphs, tune kernels
+        wall = decode()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         prof = profile(activities=activities)
-        wall = decode(prof)
+        decode(prof)
     per_group: dict[str, float] = {}
+    kernels: list[tuple[float, float, str]] = []
     for event in prof.key_averages():
         if device.type == "cuda":
             us = event.self_device_time_total if event.device_type.name == "CUDA" else 0.0
@@ -77,18 +88,22 @@ def profile_steps(model: torch.nn.Module, prompt: int, steps: int, device: torch
         if us:
             group = group_of(event.key)
             per_group[group] = per_group.get(group, 0.0) + us / 1e3 / steps
-    return per_group, wall * 1e3 / steps
+            kernels.append((us / 1e3 / steps, event.count / steps, event.key))
+    return per_group, wall * 1e3 / steps, sorted(kernels, reverse=True)[:TOP]
 
 
-def table(rows: dict[str, tuple[dict, float]], header: str) -> str:
+def table(rows: dict[str, tuple[dict, float, list]], header: str, path: str) -> str:
     names = [g for g, _ in GROUPS] + ["other"]
     lines = [header, "", "| model | " + " | ".join(f"{g} ms/token" for g in names)
-             + " | kernels ms/token | wall ms/token (uncompiled) |", "|---" * (len(names) + 3) + "|"]
-    for label, (groups, wall) in rows.items():
+             + f" | kernels ms/token | wall ms/token ({path}) |", "|---" * (len(names) + 3) + "|"]
+    for label, (groups, wall, _) in rows.items():
         total = sum(groups.values())
         cells = [f"{groups.get(g, 0.0):.3f} ({100 * groups.get(g, 0.0) / total:.0f}%)" if total else "-"
                  for g in names]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {total:.3f} | {wall:.3f} |")
+    for label, (_, _, top) in rows.items():
+        lines += ["", f"Busiest kernels, {label}: ms/token, calls/token, name"]
+        lines += [f"  {ms:7.3f}  {calls:5.1f}  {name[:110]}" for ms, calls, name in top]
     return "\n".join(lines)
 
 
@@ -101,23 +116,26 @@ def main(argv=None) -> str:
                     help="int4 layers on Triton alone (default) or with the CUDA decode kernel (cuda)")
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 32; tiny 4)")
     ap.add_argument("--steps", type=int, default=None, help="profiled decode steps (default 16; tiny 2)")
+    ap.add_argument("--eager", action="store_true", help="profile the uncompiled step (default on CPU)")
     args = ap.parse_args(argv)
     shape = "tiny" if args.tiny else args.shape
     prompt = args.prompt or (4 if args.tiny else 32)
     steps = args.steps or (2 if args.tiny else 16)
     device = torch.device(args.device)
+    compiled = not args.eager and device.type == "cuda"
+    path = "compiled, CUDA graphs" if compiled else "uncompiled"
     rows = {}
     model = build_float(shape, device)
-    rows["fp16"] = profile_steps(model, prompt, steps, device)
+    rows["fp16"] = profile_steps(model, prompt, steps, device, compiled)
     with tempfile.TemporaryDirectory(prefix="gptq_lab_profile_") as tmp:
         make_checkpoint(model, Path(tmp) / "ckpt")
         del model
         free()
         model = load_int4(Path(tmp) / "ckpt", device, args.kernels)
-    rows[f"int4 ({args.kernels})"] = profile_steps(model, prompt, steps, device)
+    rows[f"int4 ({args.kernels})"] = profile_steps(model, prompt, steps, device, compiled)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (aten op times)"
     text = table(rows, f"Decode step profile, {shape} shape, batch 1, {prompt}-token prompt, {steps} steps "
-                       f"averaged, on {card}; torch {torch.__version__}")
+                       f"averaged, {path}, on {card}; torch {torch.__version__}", path)
     emit(text, "decode_profile.txt")
     return text
 

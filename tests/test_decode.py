@@ -144,6 +144,7 @@ def test_profile_benchmark_smoke_run_on_cpu(monkeypatch, tmp_path):
     assert bench.group_of("void gptq_lab::int4_decode_kernel<__half, 1>(...)") == "int4 matmul"
     assert bench.group_of("_gemv_kernel") == "int4 matmul"
     assert bench.group_of("sm90_xmma_gemm_f16f16_f16f32") == "float matmul"
+    assert bench.group_of("nvjet_hsh_64x8_64x16_2x1_v_bz_splitK_TNT") == "float matmul"
     assert bench.group_of("flash_fwd_kernel") == "attention"
     assert bench.group_of("vectorized_elementwise_kernel") == "other"
     assert (tmp_path / "decode_profile.txt").read_text() == text + "\n"
