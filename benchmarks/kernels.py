@@ -16,9 +16,10 @@ achieved GB/s (the bytes it must move: weights, scales/zeros, x and the output, 
 of the card's peak memory bandwidth, and speedup over fp16 ``torch.matmul``. int4pack is
 ``torch.ops.aten._weight_int4pack_mm`` on bf16 (its only dtype), group size 128.
 Ours: int4, group 128, symmetric, fp16 activations, tuned per shape on first use.
-cuda: the CUDA decode kernel (kernels/cuda/int4_decode.cu, same layer, fp16), built on first
-use; ``--no-cuda`` leaves it out. Beyond batch 16 it runs one launch slab per 16 rows (it is
-meant for decode; the dispatcher sends larger batches to Triton).
+cuda: the CUDA layout as a ``cuda_decode`` layer runs it (``cuda_ops.matmul``, same layer,
+fp16), built on first use; ``--no-cuda`` leaves it out: the decode kernel up to
+``cuda_ops.MAX_SLAB_M`` rows (one slab per 16 rows, slabs of a tile side by side so that the
+weights come from L2 after the first), the layout's dequantization + cuBLAS above.
 """
 from __future__ import annotations
 
@@ -185,9 +186,9 @@ def bench_shape(k: int, n: int, batches, act_order: bool, with_cuda: bool = True
         ref = x16.float() @ w_ref
         r["rel_err"] = float((y.float() - ref).norm() / ref.norm())
         if p_cuda is not None:
-            y_cuda = cuda_ops.cuda_mm(x16, p_cuda)
-            r["cuda_us"] = bench(lambda: cuda_ops.cuda_mm(x16, p_cuda),               # noqa: B023
-                                 rot and [lambda q=c["cuda"]: cuda_ops.cuda_mm(x16, q) for c in rot])  # noqa: B023
+            y_cuda = cuda_ops.matmul(x16, p_cuda)
+            r["cuda_us"] = bench(lambda: cuda_ops.matmul(x16, p_cuda),               # noqa: B023
+                                 rot and [lambda q=c["cuda"]: cuda_ops.matmul(x16, q) for c in rot])  # noqa: B023
             r["cuda_bytes"] = k * n // 2 + 4 * groups * n + io
             r["cuda_rel_err"] = float((y_cuda.float() - ref).norm() / ref.norm())
         rows.append(r)
@@ -349,6 +350,9 @@ def main(argv=None):
     ap.add_argument("--act-order", action="store_true", help="also time an act-order layer")
     ap.add_argument("--out", help="write the table here (and the raw rows to OUT.json)")
     ap.add_argument("--no-cuda", action="store_true", help="leave out the CUDA decode kernel")
+    ap.add_argument("--cuda-slab-max", type=int, default=None,
+                    help="cuda column: rows up to which the decode kernel runs (default "
+                         "cuda_ops.MAX_SLAB_M; dequantize + cuBLAS above), to find the crossover")
     ap.add_argument("--timing", choices=("rotate", "flush"), default="rotate",
                     help="keep weights out of L2 by rotating copies (default) or flushing it")
     ap.add_argument("--report", action="store_true", help="print each chosen kernel's resources")
@@ -357,6 +361,9 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
     TIMING["mode"] = args.timing
+    if args.cuda_slab_max is not None:
+        from gptq_lab.kernels import cuda_ops
+        cuda_ops.MAX_SLAB_M = args.cuda_slab_max
     card = torch.cuda.get_device_name()
     peak, copy_gbs = peak_bandwidth(card), copy_bandwidth()
     rows = run(args.shapes.split(","), [int(b) for b in args.batches.split(",")], args.act_order,

@@ -138,9 +138,11 @@ class QuantLinear(nn.Module):
         CUDA with Triton, 2/4/8 bits: the Triton layout (``kernels.triton_pack``) is kept as
         non-persistent buffers ``kernel_*``; ``release_checkpoint=True`` then frees ``qweight``,
         ``qzeros`` and ``scales`` (left empty: [0, ...]).
-        ``cuda_decode=True`` (CUDA, 4-bit, where the CUDA kernel builds and fits the layer) also
-        keeps the CUDA decode kernel's layout (``kernels.cuda_pack``, buffers ``cuda_*``) and
-        runs calls of up to 16 rows on it: faster decoding for about twice the weight memory.
+        ``cuda_decode=True`` (CUDA, 4-bit, where the CUDA kernel builds and fits the layer) keeps
+        the CUDA kernel's layout instead (``kernels.cuda_pack``, buffers ``cuda_*``): calls of up
+        to ``cuda_ops.MAX_SLAB_M`` rows run on the CUDA kernel, larger ones dequantize from that
+        layout into the shared buffer and use torch.matmul. Same memory as the Triton layout,
+        faster decoding; layers the CUDA kernel cannot run keep the Triton layout.
         Elsewhere: the torch reference, written without data-dependent branches.
         """
         device = self.qweight.device
@@ -149,6 +151,9 @@ class QuantLinear(nn.Module):
         kernels.reference.check_g_idx(self.g_idx, self.n_groups)
         self.backend = kernels.default_backend(device)
         self._kernel_meta = self._cuda_meta = None
+        for name in ("cuda_qweight", "cuda_meta", "cuda_perm", "kernel_qweight", "kernel_scales",
+                     "kernel_zeros", "kernel_perm"):
+            self._buffers.pop(name, None)                    # a layout from an earlier prepare()
         if cuda_decode and device.type == "cuda" and self.bits == 4 and cuda_ops.unavailable() is None:
             dtype = self.scales.dtype if self.scales.dtype in (torch.float16, torch.bfloat16) else torch.float16
             p = cuda_ops.prepared_for(self.qweight, self.scales, self.qzeros, self.g_idx, 4, dtype)
@@ -156,16 +161,16 @@ class QuantLinear(nn.Module):
                 for name in ("qweight", "meta", "perm"):
                     self.register_buffer(f"cuda_{name}", getattr(p, name), persistent=False)
                 self._cuda_meta = p._replace(qweight=None, meta=None, perm=None)
-        if self.backend == "triton" and self.bits in (2, 4, 8):
+        if self._cuda_meta is None and self.backend == "triton" and self.bits in (2, 4, 8):
             p = triton_pack.prepare(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits)
             for name in ("qweight", "scales", "zeros", "perm"):
                 self.register_buffer(f"kernel_{name}", getattr(p, name), persistent=False)
             self._kernel_meta = (p.bits, p.group_size, p.zero, p.in_features, p.out_features)
-            if release_checkpoint:                   # the kernel layout holds all of it now
-                for name in ("qweight", "qzeros", "scales"):
-                    t = getattr(self, name)
-                    setattr(self, name, t.new_empty((0, t.shape[1])))
-                self._released = True
+        if release_checkpoint and (self._kernel_meta or self._cuda_meta):   # a kernel layout holds it all
+            for name in ("qweight", "qzeros", "scales"):
+                t = getattr(self, name)
+                setattr(self, name, t.new_empty((0, t.shape[1])))
+            self._released = True
         return self
 
     def _kernel_layout(self):
@@ -176,10 +181,10 @@ class QuantLinear(nn.Module):
     def _prepared_forward(self, flat: torch.Tensor) -> torch.Tensor:
         """Branches only on shapes, dtypes and devices (static under torch.compile)."""
         c = self._cuda_meta
-        if c is not None and flat.is_cuda and flat.dtype == c.dtype and flat.shape[0] <= cuda_ops.MAX_M:
-            return cuda_ops.cuda_mm(flat, c._replace(qweight=self.cuda_qweight, meta=self.cuda_meta,
-                                                     perm=self.cuda_perm))
         big = flat.shape[0] > self.dequant_above
+        if c is not None and flat.is_cuda and flat.dtype == c.dtype:
+            p = c._replace(qweight=self.cuda_qweight, meta=self.cuda_meta, perm=self.cuda_perm)
+            return cuda_ops.matmul(flat, p)
         if self._kernel_meta is not None and flat.is_cuda and flat.dtype in (torch.float16, torch.bfloat16):
             p = self._kernel_layout()
             return kernel_ops.dequant_mm(flat, p) if big else kernel_ops.gptq_mm(flat, p)

@@ -2,6 +2,8 @@
 
     y = gptq_matmul(x, qweight, scales, qzeros, g_idx, bits)    # reference's signature
     y = cuda_mm(x, p)                                           # p = cuda_pack.prepare(...)
+    y = dequant_mm(x, p)            # large M: W dequantized from p into a shared buffer, cuBLAS
+    y = matmul(x, p)                # either, by M (what a prepared cuda_decode layer runs)
 
 The sources are built by ``torch.utils.cpp_extension.load`` the first time a CUDA call needs
 them (about a minute; cached by torch under ``TORCH_EXTENSIONS_DIR``, default
@@ -22,11 +24,13 @@ import torch
 
 from .cuda_pack import PreparedCUDA, kernel_input, prepare
 from .cuda_pack import supports as layer_supports
-from .ops import cached_layout
+from .ops import cached_layout, workspace
 
 SOURCES = [Path(__file__).parent / "cuda" / n for n in ("binding.cpp", "int4_decode.cu")]
 ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
 MIN_M, MAX_M = 1, 16    # where it beats Triton (H200, 2026-11-27: batch 1 too, since v3)
+MAX_SLAB_M = 64        # prepared layers without a Triton layout: the kernel up to here,
+                       # dequantize + cuBLAS above
 
 
 @functools.cache
@@ -38,7 +42,7 @@ def _build(stages: int | None = None, arch_flags: tuple[str, ...] = tuple(ARCH_F
     from torch.utils.cpp_extension import CUDA_HOME, load
     if CUDA_HOME is None and shutil.which("nvcc") is None:
         raise RuntimeError("no CUDA compiler (nvcc) found; set CUDA_HOME to build the CUDA kernel")
-    name = "gptq_lab_int4_decode_v3" + (f"_s{stages}" if stages else "") + (f"_a{ablate}" if ablate else "")
+    name = "gptq_lab_int4_decode_v4" + (f"_s{stages}" if stages else "") + (f"_a{ablate}" if ablate else "")
     defines = ([f"-DGPTQ_LAB_STAGES={stages}"] if stages else []) + ([f"-DGPTQ_LAB_ABLATE={ablate}"] if ablate else [])
     return load(name=name, sources=[str(s) for s in SOURCES],
                 extra_cuda_cflags=["-O3", *arch_flags, *defines], extra_cflags=["-O3"],
@@ -82,6 +86,45 @@ def cuda_mm(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:
     flat = kernel_input(x.reshape(-1, p.in_features), p)
     out = torch.ops.gptq_lab.cuda_int4_mm(flat, p.qweight, p.meta, p.group_size, p.out_features)
     return out.reshape(*x.shape[:-1], p.out_features)
+
+
+@torch.library.custom_op("gptq_lab::cuda_int4_dequant", mutates_args=())
+def cuda_int4_dequant(qweight: torch.Tensor, meta: torch.Tensor, group_size: int,
+                      out_features: int, k_rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """The layout's weight [N, K'] (K' padded to 64) in ``dtype``, as the kernel dequantizes it."""
+    w = torch.empty((out_features, k_rows), dtype=dtype, device=qweight.device)
+    _build().int4_dequant(qweight, meta, group_size, w)
+    return w
+
+
+@cuda_int4_dequant.register_fake
+def _(qweight, meta, group_size, out_features, k_rows, dtype):
+    return qweight.new_empty((out_features, k_rows), dtype=dtype)
+
+
+def dequant_mm(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:
+    """x [..., K] (p.dtype, CUDA) -> [..., N] by dequantizing W once into a buffer shared by all
+    layers, then torch.matmul (cuBLAS): the fast path for large M (prefill). Under torch.compile
+    the op returns a fresh tensor instead (the compiler plans memory)."""
+    if x.dtype != p.dtype:
+        raise ValueError(f"x is {x.dtype} but the layer was prepared for {p.dtype}")
+    flat = kernel_input(x.reshape(-1, p.in_features), p)                         # [M, K'64]
+    k_rows = flat.shape[1]
+    if torch.compiler.is_compiling():
+        w = torch.ops.gptq_lab.cuda_int4_dequant(p.qweight, p.meta, p.group_size, p.out_features,
+                                                 k_rows, p.dtype)
+    else:
+        w = workspace(p.out_features * k_rows, p.dtype, x.device).view(p.out_features, k_rows)
+        _build().int4_dequant(p.qweight, p.meta, p.group_size, w)
+    out = flat @ w.t()                                                           # [M, N]
+    return out.reshape(*x.shape[:-1], p.out_features)
+
+
+def matmul(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:
+    """x [..., K] -> [..., N] the fastest way from the CUDA layout alone: the kernel for up to
+    ``MAX_SLAB_M`` rows, dequantize + cuBLAS above (what a ``cuda_decode`` layer runs)."""
+    rows = x.numel() // p.in_features
+    return cuda_mm(x, p) if rows <= MAX_SLAB_M else dequant_mm(x, p)
 
 
 _PREPARED: dict[tuple, tuple[weakref.ref, PreparedCUDA | None]] = {}

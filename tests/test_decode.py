@@ -170,7 +170,7 @@ def test_evaluator_reports_the_same_figures():
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("cuda_decode,rows", [
     (False, (1, 16, 300)),                  # Triton: gemv, tensor-core gemm, dequant + cuBLAS
-    (True, (1, 16, 17, 300)),               # the CUDA kernel up to 16 rows, then Triton
+    (True, (1, 16, 17, 64, 65, 300)),       # the CUDA kernel up to 64 rows, then its dequant + cuBLAS
 ])
 def test_gpu_prepared_paths_match_the_reference(act_order, cuda_decode, rows):
     result, layer = rtn_layer(512, 256, 4, 128, act_order=act_order, bias=True)
@@ -178,8 +178,8 @@ def test_gpu_prepared_paths_match_the_reference(act_order, cuda_decode, rows):
     expected = reference_output(result, layer, x.float())                           # on the CPU
     layer = layer.cuda().prepare(release_checkpoint=True, cuda_decode=cuda_decode)
     assert layer.backend == "triton" and layer.qweight.numel() == 0
-    if cuda_decode:
-        assert layer.cuda_qweight is not None
+    if cuda_decode:                          # one layout only: the CUDA kernel's
+        assert layer.cuda_qweight is not None and not hasattr(layer, "kernel_qweight")
     for m in rows:
         err = (layer(x[:m].cuda()).double().cpu() - expected[:m]).norm() / expected[:m].norm()
         assert err < 3e-3, f"m={m}: relative error {err:.2e}"

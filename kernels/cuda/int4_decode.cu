@@ -1,4 +1,5 @@
-// Int4 GPTQ matmul for decode-sized batches (M <= 16 per launch slab): y[M, N] = x[M, K] @ W.
+// Int4 GPTQ matmul for decode-sized batches (M <= 16 per slab): y[M, N] = x[M, K] @ W, and the
+// dequantization of W for large batches (a cuBLAS matmul then does the product).
 //
 // Pure CUDA (no torch headers), so CI can compile it with nvcc alone; binding.cpp wraps the
 // launcher for torch. Layout (written by gptq_lab/kernels/cuda_pack.py, once at load):
@@ -20,7 +21,9 @@
 // The product is computed as y^T = W^T x^T on tensor cores (mma.sync m16n8k16, fp32 accumulate):
 // W^T is the A operand, dequantized in registers straight into A fragments (a mask-and-or
 // turns 4-bit codes into 16-bit floats MAGIC + code, two at a time), x^T is the B operand with
-// the batch as its 8 columns (two MMAs for batches 9-16). Each block owns 16 output features;
+// the batch as its 8 columns (two MMAs for batches 9-16). Each block owns 16 output features
+// and one slab of up to 16 batch rows (larger batches: several slabs, scheduled next to each
+// other so that only the first reads the tile's weights from memory, the others from L2);
 // its warps split K and reduce through shared memory. Weight words are streamed with 16-byte
 // asynchronous copies (cp.async) into a per-warp shared-memory ring, several chunks in flight
 // per warp while the oldest is consumed.
@@ -170,8 +173,8 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
                                                     // then as many records; later the reduction
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int tile = blockIdx.x, tiles = gridDim.x;
-  const int m_base = blockIdx.y * 8 * MT;
+  const int tile = blockIdx.y, tiles = gridDim.y;  // batch slabs of one tile run side by side,
+  const int m_base = blockIdx.x * 8 * MT;            // so all but the first read W from L2
   const int chunks = K / 64;
   const int c_begin = warp * chunks / warps, c_end = (warp + 1) * chunks / warps;
 
@@ -319,7 +322,7 @@ cudaError_t launch_tiles(const T* x, const uint4* qw, const uint2* meta, T* y, i
     if (cost < best) best = cost, warps = w;
   }
   if (forced > 0) warps = forced < kMaxWarps ? forced : kMaxWarps;
-  kernel<<<dim3(tiles, (M + 8 * MT - 1) / (8 * MT)), warps * 32, warps * kRingBytes, stream>>>(
+  kernel<<<dim3((M + 8 * MT - 1) / (8 * MT), tiles), warps * 32, warps * kRingBytes, stream>>>(
       x, qw, meta, y, M, N, K, group_chunks);
   return cudaGetLastError();
 }
@@ -335,7 +338,75 @@ cudaError_t launch(const void* x, const void* qweight, const void* meta, void* y
   return launch_tiles<T, 2>(xp, qw, mp, yp, M, N, K, group_size / 64, warps, stream);
 }
 
+// W [N, K] in the activation dtype from the same layout, for a cuBLAS matmul at large M
+// (prefill): y = x @ W^T. One thread per lane word of a (chunk, tile): it dequantizes the four
+// A fragments exactly as the matmul does, applies the scales (value = scale * (code - zero),
+// rounded once) and writes its two rows' 16 contiguous k: rows g and g + 8, k = 64c + 16t + i,
+// where the k-permutation inside the chunk makes those 16 values contiguous (see the layout).
+template <typename T>
+__global__ void int4_dequant_kernel(const uint4* __restrict__ qweight,
+                                    const uint2* __restrict__ meta, T* __restrict__ w, int N,
+                                    int K, int group_chunks) {
+  using T2 = typename Dtype<T>::T2;
+  const int tiles = (N + 15) / 16;
+  const long long id = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  const long long unit = id >> 5;                   // (chunk, tile), chunk-major like qweight
+  if (unit >= (long long)(K / 64) * tiles) return;
+  const int lane = id & 31, g = lane >> 2, t = lane & 3;
+  const int tile = unit % tiles, c = unit / tiles;
+  const uint4 word4 = qweight[id];
+  const uint2 rec = meta[((size_t)(c / group_chunks) * tiles + tile) * 8 + g];
+  const float2 sc = __half22float2(as_t2<__half2>(rec.y));
+  const float s_row[2] = {sc.x, sc.y * Dtype<T>::kHighRowFactor};
+  uint32_t a[4][4];
+  dequant<T>(word4.x, rec.x, a[0]);
+  dequant<T>(word4.y, rec.x, a[1]);
+  dequant<T>(word4.z, rec.x, a[2]);
+  dequant<T>(word4.w, rec.x, a[3]);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {            // rows g (registers 0, 2), g + 8 (1, 3)
+    const int n = tile * 16 + g + 8 * half;
+    if (n >= N) continue;
+    uint32_t out[8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {                 // k = 16t + 4j + 2h + (0, 1)
+        const float2 v = make_float2(__low2float(as_t2<T2>(a[j][2 * h + half])),
+                                     __high2float(as_t2<T2>(a[j][2 * h + half])));
+        T2 r;
+        r.x = Dtype<T>::from_float(v.x * s_row[half]);
+        r.y = Dtype<T>::from_float(v.y * s_row[half]);
+        out[2 * j + h] = as_u32(r);
+      }
+    uint4* dst = reinterpret_cast<uint4*>(w + (size_t)n * K + (size_t)c * 64 + 16 * t);
+    dst[0] = make_uint4(out[0], out[1], out[2], out[3]);
+    dst[1] = make_uint4(out[4], out[5], out[6], out[7]);
+  }
+}
+
 }  // namespace gptq_lab
+
+// w [N, K] (K a multiple of 64, 16-byte aligned) <- the dequantized weight; dtype as below.
+extern "C" cudaError_t gptq_lab_int4_dequant(const void* qweight, const void* meta, void* w,
+                                             int N, int K, int group_size, int dtype,
+                                             cudaStream_t stream) {
+  if (N <= 0) return cudaSuccess;
+  if (K <= 0 || K % 64 || group_size <= 0 || group_size % 64 || K % group_size)
+    return cudaErrorInvalidValue;
+  const long long threads = (long long)(K / 64) * ((N + 15) / 16) * 32;
+  const int block = 256;
+  const unsigned grid = (unsigned)((threads + block - 1) / block);
+  const uint4* qw = static_cast<const uint4*>(qweight);
+  const uint2* mp = static_cast<const uint2*>(meta);
+  if (dtype == 1)
+    gptq_lab::int4_dequant_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(
+        qw, mp, static_cast<__nv_bfloat16*>(w), N, K, group_size / 64);
+  else
+    gptq_lab::int4_dequant_kernel<__half><<<grid, block, 0, stream>>>(
+        qw, mp, static_cast<__half*>(w), N, K, group_size / 64);
+  return cudaGetLastError();
+}
 
 // x [M, K] (K a multiple of 64, rows contiguous), y [M, N]; dtype 0 = fp16, 1 = bf16.
 // group_size: kernel rows per group, a multiple of 64 dividing K (K for per-channel).
@@ -344,7 +415,8 @@ extern "C" cudaError_t gptq_lab_int4_decode(const void* x, const void* qweight, 
                                             void* y, int M, int N, int K, int group_size,
                                             int warps, int dtype, cudaStream_t stream) {
   if (M <= 0 || N <= 0) return cudaSuccess;
-  if (K <= 0 || K % 64 || group_size <= 0 || group_size % 64 || K % group_size)
+  if (K <= 0 || K % 64 || group_size <= 0 || group_size % 64 || K % group_size ||
+      (N + 15) / 16 > 65535)                        // tiles are the grid's y dimension
     return cudaErrorInvalidValue;
   return dtype == 1
              ? gptq_lab::launch<__nv_bfloat16>(x, qweight, meta, y, M, N, K, group_size, warps,
