@@ -2,6 +2,7 @@
 
     python benchmarks/decode.py                                  # 7B shape, eager and fast paths
     python benchmarks/decode.py --shapes 7b,8b --paths fast
+    python benchmarks/decode.py --kernels default,default+fuse,cuda,cuda+fuse    # int4 variants
     python benchmarks/decode.py --tiny --device cpu              # smoke run, seconds
 
 For each shape (Llama-2-7B: hidden 4096, MLP 11008, 32 layers, 32 heads, vocab 32000; GQA
@@ -9,8 +10,11 @@ Llama-3-8B: MLP 14336, 8 KV heads, vocab 128256) a model with random weights is 
 device in fp16 and timed; then quantize_model(method="rtn") at 4 bits, group size 128,
 symmetric, makes the GPTQ checkpoint (``save``), the float model is freed, and
 ``gptq_lab.load`` + ``generate.prepare_model(release_checkpoint=True)`` bring it back to be
-timed the same way. Paths (``gptq_lab.generate``): "eager" is transformers' generate with its
-default dynamic cache; "fast" is ``StaticGreedy`` (static KV cache, decode step under
+timed the same way, once per ``--kernels`` variant: "default" (Triton), "cuda"
+(``cuda_decode=True``), each optionally "+fuse" (``fuse=True``: q/k/v and gate/up as one matmul
+each), labelled in the dtype column ("int4", "int4 cuda", "int4 default+fuse"...). Paths
+(``gptq_lab.generate``): "eager" is transformers' generate with its default dynamic cache;
+"fast" is ``StaticGreedy`` (static KV cache, decode step under
 torch.compile(fullgraph=True, mode="reduce-overhead"), i.e. CUDA graphs). Figures: greedy
 decode tokens/s at batch 1 after a short and a long prompt and at larger batches (decode only:
 t(128 new) - t(1 new)), prefill tokens/s of the long prompt (prompt / time to first token),
@@ -45,6 +49,7 @@ SHAPES = {
     "tiny": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 256},
 }
+KERNELS = ("default", "cuda", "default+fuse", "cuda+fuse")
 QUANT = QuantConfig(bits=4, group_size=128, sym=True)
 TINY = DecodeSettings(prompt=4, long_prompt=16, new_tokens=4, batches=(2,), repeats=1, warmup=0)
 
@@ -83,9 +88,13 @@ def make_checkpoint(model: torch.nn.Module, directory: Path) -> None:
 
 def load_int4(directory: Path, device: torch.device, kernel: str = "default") -> torch.nn.Module:
     """The checkpoint in ``directory`` loaded in fp16 and prepared for inference, checkpoint
-    layout released; ``kernel`` "cuda" also keeps the CUDA decode kernel's layout."""
+    layout released; ``kernel`` (one of KERNELS) "cuda..." also keeps the CUDA decode kernel's
+    layout, "...+fuse" fuses q/k/v and gate/up first."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r}; use one of {KERNELS}")
+    base, _, fuse = kernel.partition("+")
     return prepare_model(load(directory, device=device, dtype=torch.float16), release_checkpoint=True,
-                         cuda_decode=kernel == "cuda")
+                         cuda_decode=base == "cuda", fuse=fuse == "fuse")
 
 
 def emit(text: str, filename: str) -> None:
@@ -131,7 +140,7 @@ def run_shape(shape: str, paths: list[str], device: torch.device, settings: Deco
         make_checkpoint(model, ckpt)
         del model
         free()
-        for kernel in kernels:                      # "default": Triton; "cuda": + CUDA decode kernel
+        for kernel in kernels:     # "default": Triton; "cuda": + CUDA decode kernel; "+fuse": fused
             log(f"{shape}: load the checkpoint ({kernel} kernels)")
             model = load_int4(ckpt, device, kernel)
             rows += measure(model, shape, "int4" if kernel == "default" else f"int4 {kernel}", paths, settings)
@@ -167,7 +176,8 @@ def table(rows: list[dict], settings: DecodeSettings, header: str) -> str:
                    "GB: weights (parameters + buffers), peak allocation during the path's runs. "
                    "int4/fp16 rows: ratios (speedups for tokens/s, fractions for GB). "
                    "int4: Triton kernels; int4 cuda: prepare_model(cuda_decode=True), calls of up to "
-                   "16 rows on the CUDA decode kernel (both layouts kept).")]
+                   "16 rows on the CUDA decode kernel (both layouts kept); +fuse: "
+                   "prepare_model(fuse=True), q/k/v and gate/up each one int4 matmul.")]
     return "\n".join(lines)
 
 
@@ -180,13 +190,15 @@ def main(argv=None) -> str:
     ap.add_argument("--batches", default=None, help="batch sizes besides 1 (default 8,32)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per figure (median)")
     ap.add_argument("--kernels", default="default",
-                    help="int4 variants, comma list of default (Triton) and cuda (prepare_model(cuda_decode=True))")
+                    help="int4 variants, comma list of default (Triton), cuda (prepare_model(cuda_decode="
+                         "True)), default+fuse and cuda+fuse (also prepare_model(fuse=True))")
     ap.add_argument("--no-compile", action="store_true",
                     help="fast path without torch.compile (default with --tiny on CPU)")
     args = ap.parse_args(argv)
     shapes = ["tiny"] if args.tiny else args.shapes.split(",")
     paths = args.paths.split(",")
-    for name, allowed in ((shapes, SHAPES), (paths, PATHS)):
+    kernels = args.kernels.split(",")
+    for name, allowed in ((shapes, SHAPES), (paths, PATHS), (kernels, KERNELS)):
         bad = [v for v in name if v not in allowed]
         if bad:
             ap.error(f"unknown {bad}; choose from {list(allowed)}")
@@ -203,7 +215,7 @@ def main(argv=None) -> str:
     rows = []
     with tempfile.TemporaryDirectory(prefix="gptq_lab_decode_") as tmp:
         for shape in shapes:
-            rows += run_shape(shape, paths, device, settings, Path(tmp), tuple(args.kernels.split(",")))
+            rows += run_shape(shape, paths, device, settings, Path(tmp), tuple(kernels))
     import transformers
     header = (f"Decode benchmark on {card}: torch {torch.__version__}, transformers "
               f"{transformers.__version__}; int4 = GPTQ checkpoint (RTN, 4-bit g128 sym) via gptq_lab.load; "

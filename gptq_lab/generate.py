@@ -1,6 +1,7 @@
 """Greedy generation, two ways, and the decode-speed figures measured on them.
 
     model = prepare_model(gptq_lab.load("out/", device="cuda"))   # kernels chosen once
+    model = prepare_model(gptq_lab.load("out/", device="cuda"), fuse=True)    # q/k/v: one matmul
     ids = StaticGreedy(model)(prompt_ids, 128)      # static KV cache, compiled step, CUDA graphs
     ids = eager_greedy(model, prompt_ids, 128)      # transformers' generate, its default cache
     report = measure_decode(model, "fast", DecodeSettings())      # {figure: value}
@@ -21,16 +22,24 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .fuse import fuse_model
 from .qlinear import quant_linears
 
 PATHS = ("eager", "fast")
 
 
-def prepare_model(model: nn.Module, release_checkpoint: bool = False, cuda_decode: bool = False) -> nn.Module:
+def prepare_model(model: nn.Module, release_checkpoint: bool = False, cuda_decode: bool = False,
+                  fuse: bool = False) -> nn.Module:
     """``QuantLinear.prepare`` every quantized layer (after the model is on its device) and
     return the model. ``release_checkpoint`` frees the checkpoint-layout ``qweight`` of layers
     that got a kernel layout: the model then runs but cannot be saved. ``cuda_decode`` also
-    keeps the CUDA decode kernel's layout (faster decoding, about twice the weight memory)."""
+    keeps the CUDA decode kernel's layout (faster decoding, about twice the weight memory).
+    ``fuse`` first fuses, in place, the quantized linears that read the same input (q/k/v,
+    gate/up; ``gptq_lab.fuse.fuse_model``) so each group is one matmul; groups that cannot fuse
+    are left as they are. A fused model runs (and compiles) but cannot be saved as a GPTQ
+    checkpoint (its state_dict names changed; ``save`` refuses it): save first, or reload."""
+    if fuse:
+        fuse_model(model)
     for layer in quant_linears(model).values():
         layer.prepare(release_checkpoint=release_checkpoint, cuda_decode=cuda_decode)
     return model

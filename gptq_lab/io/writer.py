@@ -15,6 +15,7 @@ from ..atomic import atomic_dir
 from ..checks import linear_names
 from ..config import QuantConfig
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
+from ..fuse import is_fused
 from ..qlinear import CONFIG_ATTR, QuantLinear, infer_config, quant_linears
 from ..quant import maxq, pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
 from .format import FORMATS, INDEX_NAME, QUANTIZE_CONFIG_NAME, WEIGHTS_NAME, quantization_config
@@ -33,6 +34,11 @@ def save(model: nn.Module, directory: str | os.PathLike, results: dict | None = 
     if checkpoint_format not in FORMATS:
         raise ConfigError(f"checkpoint_format={checkpoint_format!r}; use 'gptq' (v1, widely read) "
                           f"or 'gptq_v2' (true zero points)")
+    if is_fused(model):
+        raise UnsupportedModelError(
+            "cannot save a fused model (prepare_model(fuse=True) or fuse_model): its q/k/v and "
+            "gate/up layers were merged, so its names no longer match the checkpoint format; save "
+            "before fusing, or reload the checkpoint (gptq_lab.load)")
     layers = quant_linears(model)
     for name, result in (results or {}).items():
         if name not in layers:

@@ -234,17 +234,19 @@ class Evaluator:
         return views.task_figure(self.task_results)
 
     def decode_speed(self, models: list[str] | None = None, paths=("eager", "fast"),
-                     settings=None, progress=None, cuda_decode: bool = False) -> pd.DataFrame:
+                     settings=None, progress=None, cuda_decode: bool = False,
+                     fuse: bool = False) -> pd.DataFrame:
         """Decode and prefill tokens/s, weights and peak GB per model and generation path, by
         ``gptq_lab.generate.measure_decode`` (what benchmarks/decode.py runs). Quantized layers
         are ``prepare``d first (``cuda_decode=True``: also with the CUDA decode kernel's layout,
-        faster decoding on a GPU for about twice the weight memory). Meaningful on a GPU; on a
-        CPU pass small ``DecodeSettings(..., compile=False)`` (the defaults time 2048-token
-        prompts)."""
+        faster decoding on a GPU for about twice the weight memory; ``fuse=True``: q/k/v and
+        gate/up fused into one matmul each, in place, after which those models cannot be
+        saved). Meaningful on a GPU; on a CPU pass small ``DecodeSettings(..., compile=False)``
+        (the defaults time 2048-token prompts)."""
         from ..generate import measure_decode, prepare_model
         rows = []
         for name in models or list(self.models):
-            model = prepare_model(self.models[name], cuda_decode=cuda_decode)
+            model = prepare_model(self.models[name], cuda_decode=cuda_decode, fuse=fuse)
             for path in paths:
                 rows.append({"model": name, "path": path,
                              **measure_decode(model, path, settings, progress=progress)})
