@@ -1,13 +1,14 @@
-"""Tune the CUDA decode kernel: ring depths (compile-time) x warps per block, in one GPU call.
+"""Tune the CUDA decode kernel: ring depths (compile-time) x warps x tiles per block, in one GPU call.
 
     python benchmarks/cuda_variants.py --build 4,8,16          # compile the variants (parallel)
     python benchmarks/cuda_variants.py --stages 4,8,16 --batches 1,16
+    python benchmarks/cuda_variants.py --stages 4 --warps 0 --nt 0,1,2,4 --batches 1,8,16,64
 
 Each variant is checked against the float64 product of the dequantized weight before it is
 timed; times are GPU time of CUDA-graph replays with L2 flushed (as benchmarks/kernels.py),
 fp16 ``torch.matmul`` on the same call as the baseline. The table goes to stdout and, with
 $OUT set, JSON to $OUT/cuda_variants.json. Production uses the default depth in
-kernels/cuda/int4_decode.cu and the launcher's choice of warps (column "auto").
+kernels/cuda/int4_decode.cu and the launcher's choice of warps and tiles per block (0).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--build", default=None, help="only compile these depths, in parallel processes")
     ap.add_argument("--stages", default="8")
     ap.add_argument("--warps", default="0,2,4,8", help="0 = the launcher's choice")
+    ap.add_argument("--nt", default="0", help="tiles of 16 outputs per block (1, 2, 4); 0 = the launcher's")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--batches", default="1,16")
     args = ap.parse_args()
@@ -47,6 +49,7 @@ def main() -> None:
     from gptq_lab.kernels.reference import dequantize_gptq
     stages = args.stages.split(",")
     warps = [int(w) for w in args.warps.split(",")]
+    nts = [int(v) for v in args.nt.split(",")]
     rows = []
     print(f"{torch.cuda.get_device_name()}", flush=True)
     for shape in args.shapes.split(","):
@@ -62,18 +65,19 @@ def main() -> None:
             for s in stages:
                 ext = build(s)
                 for w in warps:
-                    def call():
-                        return ext.int4_decode(x, p.qweight, p.meta, p.group_size,  # noqa: B023
-                                               p.out_features, w)                # noqa: B023
-                    try:
-                        y = call()
-                    except RuntimeError as e:
-                        print(f"stages {s} warps {w} {shape} M={m}: {e}", flush=True)
-                        continue
-                    err = float((y.double() - ref).norm() / ref.norm())
-                    if not err < 2e-3 and "/" not in s:
-                        raise SystemExit(f"stages {s} warps {w} {shape} M={m}: rel. error {err:.2e}")
-                    row[f"v:s{s}w{w}"] = bench(call)
+                    for nt in nts:
+                        def call():
+                            return ext.int4_decode(x, p.qweight, p.meta, p.group_size,  # noqa: B023
+                                                   p.out_features, w, nt)           # noqa: B023
+                        try:
+                            y = call()
+                        except RuntimeError as e:
+                            print(f"stages {s} warps {w} nt {nt} {shape} M={m}: {e}", flush=True)
+                            continue
+                        err = float((y.double() - ref).norm() / ref.norm())
+                        if not err < 2e-3 and "/" not in s:
+                            raise SystemExit(f"stages {s} warps {w} nt {nt} {shape} M={m}: rel. error {err:.2e}")
+                        row[f"v:s{s}w{w}n{nt}"] = bench(call)
             rows.append(row)
             bytes_ = k * n // 2
             best = min((v, c) for c, v in row.items() if c.startswith("v:"))

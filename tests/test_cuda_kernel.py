@@ -73,7 +73,7 @@ def test_sources_compile_for_sm80_and_sm90_without_spills(tmp_path):
     for arch in ("sm_80", "sm_90"):
         assert f"for '{arch}'" in log
     spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", log)]
-    assert len(spills) == 12 and max(spills) == 0, log     # 2 dtypes x (2 tile counts + dequant) x 2 archs
+    assert len(spills) == 24 and max(spills) == 0, log     # 2 archs x 2 dtypes x (5 (MT, NT) + dequant)
 
 
 # ------------------------------------------------------------------ GPU
@@ -136,3 +136,19 @@ def test_gpu_dequant_equals_the_layout_read_back(n, k, group_size, sym, act_orde
     assert rel_err(cuda_ops.dequant_mm(x, p), ref) < TOL[dtype]
     compiled = torch.compile(lambda t: cuda_ops.dequant_mm(t, p), fullgraph=True)(x)
     assert torch.equal(compiled, cuda_ops.dequant_mm(x, p))
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("nt", [1, 2, 4])
+@pytest.mark.parametrize("m", [1, 5, 16, 40])
+@pytest.mark.parametrize("n,k,group_size", [(200, 320, 64), (4096, 1024, 128)])
+def test_gpu_every_tiles_per_block_matches_reference(n, k, group_size, m, nt):
+    """Forced tiles per block (the launcher picks by shape), a short last tile group included."""
+    layer = make_layer(n, k, 4, group_size, sym=False, device="cuda")
+    p = prepare(*layer, 4, torch.float16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    ref = x.double() @ dequantize_gptq(*layer, 4).double()
+    for warps in (0, 1, 8):
+        y = cuda_ops._build().int4_decode(kernel_input(x, p), p.qweight, p.meta, p.group_size, n, warps, nt)
+        assert rel_err(y, ref) < TOL[torch.float16], f"warps={warps}"

@@ -147,16 +147,20 @@ __device__ __forceinline__ void cp_async_wait() {
 #define GPTQ_LAB_STAGES 4
 #endif
 constexpr int kMaxWarps = 8;                // warps per block (they split K)
-constexpr int kUnroll = 2;                  // 64-k chunks per stage (one commit group)
 constexpr int kStages = GPTQ_LAB_STAGES;    // stages per warp's ring (all but 1 in flight)
-constexpr int kChunkBytes = 32 * (16 + 8);  // one chunk: each lane's weight word and meta record
-constexpr int kRingBytes = kStages * kUnroll * kChunkBytes;   // shared memory per warp
+constexpr int kChunkBytes = 32 * (16 + 8);  // one chunk of one tile: each lane's weight word and
+                                            // meta record
+// 64-k chunks per stage (one commit group): two for one tile per block, else one (per tile).
+template <int NT> __host__ __device__ constexpr int unroll() { return NT == 1 ? 2 : 1; }
+template <int NT> __host__ __device__ constexpr int ring_bytes() { return kStages * unroll<NT>() * NT * kChunkBytes; }
 
-// MT: batch tiles of 8 rows handled by this launch slab (1 for M <= 8, 2 for M <= 16).
-// blockDim.x / 32 warps share one tile of 16 output features, splitting K, and reduce through
-// shared memory at the end. Each warp streams its chunks with cp.async into a ring of kStages
-// stages of kUnroll chunks, kStages - 1 stages in flight while the oldest is dequantized and
-// multiplied; each chunk travels with its group's (zero, scale) record. Each lane copies and
+// MT: batch tiles of 8 rows per slab (1 for M <= 8, 2 for M <= 16); NT: tiles of 16 output
+// features per block, sharing each activation fragment (x is read once per block from L2, so
+// NT > 1 divides that traffic, which dominates from batch ~8 on).
+// blockDim.x / 32 warps share the block's tiles, splitting K, and reduce through shared memory
+// at the end. Each warp streams its chunks with cp.async into a ring of kStages stages of
+// unroll<NT>() chunks x NT tiles, kStages - 1 stages in flight while the oldest is dequantized
+// and multiplied; each chunk travels with its group's (zero, scale) record. Each lane copies and
 // later reads only its own words, so the ring needs no barrier (the stage refilled is the one
 // consumed in the previous iteration, whose values are already used). Each chunk's MMAs start
 // from zero and its scales are applied right after them, so no group bookkeeping is needed
@@ -164,33 +168,39 @@ constexpr int kRingBytes = kStages * kUnroll * kChunkBytes;   // shared memory p
 // Inside a 64-k chunk the k order is permuted so that lane (g, t) reads its B fragments of
 // all four k-tiles as x[m][64c + 16t .. 64c + 16t + 15]: two 16-byte loads per batch row
 // (through L1: every tile of the SM reads the same activations).
-template <typename T, int MT>
-__global__ void __launch_bounds__(kMaxWarps * 32)
+template <typename T, int MT, int NT>
+__global__ void __launch_bounds__(kMaxWarps * 32, NT == 1 ? 4 : 1)  // (sm_80 spilled without)
 int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
                    const uint2* __restrict__ meta, T* __restrict__ y, int M, int N, int K,
                    int group_chunks) {
-  extern __shared__ uint4 ring[];                   // per warp: [kStages * kUnroll][32] words,
+  constexpr int U = unroll<NT>();
+  extern __shared__ uint4 ring[];                   // per warp: [kStages * U][NT][32] words,
                                                     // then as many records; later the reduction
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int tile = blockIdx.y, tiles = gridDim.y;  // batch slabs of one tile run side by side,
-  const int m_base = blockIdx.x * 8 * MT;            // so all but the first read W from L2
+  const int tiles = (N + 15) / 16, tile0 = blockIdx.y * NT;   // slabs of one tile group run
+  const int m_base = blockIdx.x * 8 * MT;           // side by side: all but the first read W from L2
   const int chunks = K / 64;
   const int c_begin = warp * chunks / warps, c_end = (warp + 1) * chunks / warps;
 
-  char* mine = reinterpret_cast<char*>(ring) + warp * kRingBytes;
-  uint4 (*wslot)[32] = reinterpret_cast<uint4 (*)[32]>(mine);
-  uint2 (*mslot)[32] = reinterpret_cast<uint2 (*)[32]>(mine + kStages * kUnroll * 32 * 16);
+  char* mine = reinterpret_cast<char*>(ring) + warp * ring_bytes<NT>();
+  uint4 (*wslot)[NT][32] = reinterpret_cast<uint4 (*)[NT][32]>(mine);
+  uint2 (*mslot)[NT][32] = reinterpret_cast<uint2 (*)[NT][32]>(mine + kStages * U * NT * 32 * 16);
   const size_t wstride = (size_t)tiles * 32, mstride = (size_t)tiles * 8;
-  const uint4* wsrc = qweight + (size_t)c_begin * wstride + (size_t)tile * 32 + lane;
-  const uint2* msrc = meta + (size_t)(c_begin / group_chunks) * mstride + (size_t)tile * 8 + g;
+  const uint4* wsrc = qweight + (size_t)c_begin * wstride + (size_t)tile0 * 32 + lane;
+  const uint2* msrc = meta + (size_t)(c_begin / group_chunks) * mstride + (size_t)tile0 * 8 + g;
+  const int nt_valid = tiles - tile0 < NT ? tiles - tile0 : NT;   // the last group may be short
   int issued = c_begin, issued_in_group = c_begin % group_chunks;
-  auto issue = [&](int stage) {                     // the next kUnroll chunks and their records
+  auto issue = [&](int stage) {                     // the next U chunks and their records
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       if (GPTQ_LAB_ABLATE != 3 && issued < c_end) {
-        cp_async16(&wslot[stage * kUnroll + u][lane], wsrc);
-        cp_async8(&mslot[stage * kUnroll + u][lane], msrc);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+          if (nt < nt_valid) {
+            cp_async16(&wslot[stage * U + u][nt][lane], wsrc + nt * 32);
+            cp_async8(&mslot[stage * U + u][nt][lane], msrc + nt * 8);
+          }
       }
       ++issued;
       wsrc += wstride;
@@ -207,21 +217,23 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
     row_ok[mt] = m < M;
     xr[mt] = reinterpret_cast<const uint4*>(x + (size_t)(row_ok[mt] ? m : 0) * K + 16 * t);
   }
-  float acc[MT][4];
+  float acc[MT][NT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc[mt][i] = 0.f;
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) issue(s);  // prologue: the first kStages - 1 stages
   int read_stage = 0, write_stage = kStages - 1;
-  for (int c0 = c_begin; c0 < c_end; c0 += kUnroll) {
+  for (int c0 = c_begin; c0 < c_end; c0 += U) {
     issue(write_stage);
     write_stage = write_stage + 1 == kStages ? 0 : write_stage + 1;
-    uint4 xv[kUnroll][MT][2];
+    uint4 xv[U][MT][2];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
+    for (int u = 0; u < U; ++u)
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         const bool ok = row_ok[mt] && (u == 0 || c0 + u < c_end);
@@ -234,56 +246,61 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
       }
     cp_async_wait<kStages - 1>();                   // this stage has landed (this lane's copies)
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       if (u > 0 && c0 + u >= c_end) break;
-      const uint4 w = wslot[read_stage * kUnroll + u][lane];
-      const uint2 rec = mslot[read_stage * kUnroll + u][lane];
-      const float2 sc = __half22float2(as_t2<__half2>(rec.y));
-      const float s_lo = sc.x, s_hi = sc.y * Dtype<T>::kHighRowFactor;
-      if (GPTQ_LAB_ABLATE == 1) {
-        acc[0][0] += __uint_as_float((w.x ^ w.y ^ w.z ^ w.w ^ rec.x) & 0x3fffffffu) * s_lo;
-        continue;
-      }
-      uint32_t a[4][4];
-      dequant<T>(w.x, rec.x, a[0]);
-      dequant<T>(w.y, rec.x, a[1]);
-      dequant<T>(w.z, rec.x, a[2]);
-      dequant<T>(w.w, rec.x, a[3]);
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        float part[4] = {0.f, 0.f, 0.f, 0.f};
-        mma_16816<T>(part, a[0], word<0>(xv[u][mt][0]), word<1>(xv[u][mt][0]));
-        mma_16816<T>(part, a[1], word<2>(xv[u][mt][0]), word<3>(xv[u][mt][0]));
-        mma_16816<T>(part, a[2], word<0>(xv[u][mt][1]), word<1>(xv[u][mt][1]));
-        mma_16816<T>(part, a[3], word<2>(xv[u][mt][1]), word<3>(xv[u][mt][1]));
-        acc[mt][0] += s_lo * part[0];
-        acc[mt][1] += s_lo * part[1];
-        acc[mt][2] += s_hi * part[2];
-        acc[mt][3] += s_hi * part[3];
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint4 w = wslot[read_stage * U + u][nt][lane];
+        const uint2 rec = mslot[read_stage * U + u][nt][lane];
+        const float2 sc = __half22float2(as_t2<__half2>(rec.y));
+        const float s_lo = sc.x, s_hi = sc.y * Dtype<T>::kHighRowFactor;
+        if (GPTQ_LAB_ABLATE == 1) {
+          acc[0][nt][0] += __uint_as_float((w.x ^ w.y ^ w.z ^ w.w ^ rec.x) & 0x3fffffffu) * s_lo;
+          continue;
+        }
+        uint32_t a[4][4];
+        dequant<T>(w.x, rec.x, a[0]);
+        dequant<T>(w.y, rec.x, a[1]);
+        dequant<T>(w.z, rec.x, a[2]);
+        dequant<T>(w.w, rec.x, a[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          float part[4] = {0.f, 0.f, 0.f, 0.f};
+          mma_16816<T>(part, a[0], word<0>(xv[u][mt][0]), word<1>(xv[u][mt][0]));
+          mma_16816<T>(part, a[1], word<2>(xv[u][mt][0]), word<3>(xv[u][mt][0]));
+          mma_16816<T>(part, a[2], word<0>(xv[u][mt][1]), word<1>(xv[u][mt][1]));
+          mma_16816<T>(part, a[3], word<2>(xv[u][mt][1]), word<3>(xv[u][mt][1]));
+          acc[mt][nt][0] += s_lo * part[0];
+          acc[mt][nt][1] += s_lo * part[1];
+          acc[mt][nt][2] += s_hi * part[2];
+          acc[mt][nt][3] += s_hi * part[3];
+        }
       }
     }
     read_stage = read_stage + 1 == kStages ? 0 : read_stage + 1;
   }
   cp_async_wait<0>();
   __syncthreads();                                  // the ring becomes the reduction buffer
-  float (*red)[MT * 8][16] = reinterpret_cast<float (*)[MT * 8][16]>(ring);
-  static_assert(MT * 8 * 16 * 4 <= kRingBytes, "reduction buffer larger than a warp's ring");
+  float (*red)[MT * 8][NT * 16] = reinterpret_cast<float (*)[MT * 8][NT * 16]>(ring);
+  static_assert(MT * 8 * NT * 16 * 4 <= ring_bytes<NT>(), "reduction buffer larger than a ring");
 
   // C fragment: c0 = C[g][2t], c1 = C[g][2t+1], c2 = C[g+8][2t], c3 = C[g+8][2t+1],
   // rows = output features of the tile, columns = batch rows of the 8-row slab.
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    red[warp][mt * 8 + 2 * t][g] = acc[mt][0];
-    red[warp][mt * 8 + 2 * t + 1][g] = acc[mt][1];
-    red[warp][mt * 8 + 2 * t][g + 8] = acc[mt][2];
-    red[warp][mt * 8 + 2 * t + 1][g + 8] = acc[mt][3];
-  }
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      red[warp][mt * 8 + 2 * t][nt * 16 + g] = acc[mt][nt][0];
+      red[warp][mt * 8 + 2 * t + 1][nt * 16 + g] = acc[mt][nt][1];
+      red[warp][mt * 8 + 2 * t][nt * 16 + g + 8] = acc[mt][nt][2];
+      red[warp][mt * 8 + 2 * t + 1][nt * 16 + g + 8] = acc[mt][nt][3];
+    }
   __syncthreads();
-  for (int i = threadIdx.x; i < MT * 8 * 16; i += blockDim.x) {
-    const int m = i / 16, nn = i % 16;
+  for (int i = threadIdx.x; i < MT * 8 * NT * 16; i += blockDim.x) {
+    const int m = i / (NT * 16), nn = i % (NT * 16);
     float sum = 0.f;
     for (int w = 0; w < warps; ++w) sum += red[w][m][nn];
-    const int gm = m_base + m, gn = tile * 16 + nn;
+    const int gm = m_base + m, gn = tile0 * 16 + nn;
     if (gm < M && gn < N) y[(size_t)gm * N + gn] = Dtype<T>::from_float(sum);
   }
 }
@@ -291,27 +308,28 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
 // Warps per block (8, 4, 2 or 1, splitting K; `forced` > 0 overrides, for tuning): the choice
 // with the least time estimated as waves x chunks per warp, where a wave is as many blocks as
 // the GPU holds at once; ties go to fewer waves (a second, mostly idle wave costs a whole one).
-template <typename T, int MT>
+template <typename T, int MT, int NT>
 cudaError_t launch_tiles(const T* x, const uint4* qw, const uint2* meta, T* y, int M, int N,
-                         int K, int group_chunks, int forced, cudaStream_t stream) {
-  static int sms = 0, fits[4] = {0, 0, 0, 0};   // per process: one GPU model assumed
+                         int K, int group_chunks, int forced, int sms, cudaStream_t stream) {
+  static int fits[4] = {-1, -1, -1, -1};        // per process: one GPU model assumed
   const int warp_options[4] = {8, 4, 2, 1};
-  auto kernel = int4_decode_kernel<T, MT>;
-  if (sms == 0) {                               // setup errors are returned, not left sticky
-    int dev = 0, count = 0;
-    cudaError_t err = cudaGetDevice(&dev);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev);
-    if (err == cudaSuccess && kMaxWarps * kRingBytes > 48 * 1024)
+  constexpr int kRing = ring_bytes<NT>();
+  auto kernel = int4_decode_kernel<T, MT, NT>;
+  if (fits[0] < 0) {                            // setup errors are returned, not left sticky
+    cudaError_t err = cudaSuccess;
+    if (kMaxWarps * kRing > 48 * 1024)
       err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 kMaxWarps * kRingBytes);
+                                 kMaxWarps * kRing);
+    int found[4] = {0, 0, 0, 0};
     for (int i = 0; i < 4 && err == cudaSuccess; ++i)
-      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fits[i], kernel, warp_options[i] * 32,
-                                                          warp_options[i] * kRingBytes);
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&found[i], kernel, warp_options[i] * 32,
+                                                          warp_options[i] * kRing);
     if (err != cudaSuccess) return err;
-    sms = count;
+    for (int i = 0; i < 4; ++i) fits[i] = found[i];
   }
-  const int tiles = (N + 15) / 16;
-  const long long blocks = (long long)tiles * ((M + 8 * MT - 1) / (8 * MT));
+  const int groups = (N + 16 * NT - 1) / (16 * NT);
+  const int slabs = (M + 8 * MT - 1) / (8 * MT);
+  const long long blocks = (long long)groups * slabs;
   int warps = 1;
   double best = 1e30;
   for (int i = 0; i < 4; ++i) {
@@ -322,20 +340,52 @@ cudaError_t launch_tiles(const T* x, const uint4* qw, const uint2* meta, T* y, i
     if (cost < best) best = cost, warps = w;
   }
   if (forced > 0) warps = forced < kMaxWarps ? forced : kMaxWarps;
-  kernel<<<dim3((M + 8 * MT - 1) / (8 * MT), tiles), warps * 32, warps * kRingBytes, stream>>>(
-      x, qw, meta, y, M, N, K, group_chunks);
+  kernel<<<dim3(slabs, groups), warps * 32, warps * kRing, stream>>>(x, qw, meta, y, M, N, K,
+                                                                      group_chunks);
   return cudaGetLastError();
+}
+
+// Tiles per block: 1 at batch 1 (the activations are one row: most blocks is best); from batch
+// 2 on the largest of 4 (batch > 8 only) and 2 that still gives every SM a block, else 1.
+// `forced` (1, 2 or 4) overrides, for tuning.
+inline int tiles_per_block(int M, int N, int MT, int sms, int forced) {
+  if (forced == 1 || forced == 2 || forced == 4) return forced;
+  if (M == 1) return 1;
+  const long long tiles = (N + 15) / 16, slabs = (M + 8 * MT - 1) / (8 * MT);
+  for (int nt = MT == 2 ? 4 : 2; nt > 1; nt /= 2)
+    if ((tiles + nt - 1) / nt * slabs >= sms) return nt;
+  return 1;
+}
+
+template <typename T, int MT>
+cudaError_t launch_mt(const T* x, const uint4* qw, const uint2* meta, T* y, int M, int N, int K,
+                      int group_chunks, int warps, int nt_forced, cudaStream_t stream) {
+  static int sms = 0;                           // per process: one GPU model assumed
+  if (sms == 0) {
+    int dev = 0, count = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev);
+    if (err != cudaSuccess) return err;
+    sms = count;
+  }
+  const int nt = tiles_per_block(M, N, MT, sms, nt_forced);
+  if constexpr (MT == 2)                        // (MT 1, NT 4 spills: one slab of 8 rows needs
+    if (nt == 4)                                // less sharing anyway)
+      return launch_tiles<T, MT, 4>(x, qw, meta, y, M, N, K, group_chunks, warps, sms, stream);
+  if (nt >= 2)
+    return launch_tiles<T, MT, 2>(x, qw, meta, y, M, N, K, group_chunks, warps, sms, stream);
+  return launch_tiles<T, MT, 1>(x, qw, meta, y, M, N, K, group_chunks, warps, sms, stream);
 }
 
 template <typename T>
 cudaError_t launch(const void* x, const void* qweight, const void* meta, void* y, int M, int N,
-                   int K, int group_size, int warps, cudaStream_t stream) {
+                   int K, int group_size, int warps, int nt, cudaStream_t stream) {
   const T* xp = static_cast<const T*>(x);
   T* yp = static_cast<T*>(y);
   const uint4* qw = static_cast<const uint4*>(qweight);
   const uint2* mp = static_cast<const uint2*>(meta);
-  if (M <= 8) return launch_tiles<T, 1>(xp, qw, mp, yp, M, N, K, group_size / 64, warps, stream);
-  return launch_tiles<T, 2>(xp, qw, mp, yp, M, N, K, group_size / 64, warps, stream);
+  if (M <= 8) return launch_mt<T, 1>(xp, qw, mp, yp, M, N, K, group_size / 64, warps, nt, stream);
+  return launch_mt<T, 2>(xp, qw, mp, yp, M, N, K, group_size / 64, warps, nt, stream);
 }
 
 // W [N, K] in the activation dtype from the same layout, for a cuBLAS matmul at large M
@@ -350,11 +400,12 @@ __global__ void int4_dequant_kernel(const uint4* __restrict__ qweight,
   using T2 = typename Dtype<T>::T2;
   const int tiles = (N + 15) / 16;
   const long long id = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  const long long unit = id >> 5;                   // (chunk, tile), chunk-major like qweight
-  if (unit >= (long long)(K / 64) * tiles) return;
+  const long long unit = id >> 5;                   // (tile, chunk), tile-major: consecutive
+  const int chunks = K / 64;                        // warps write consecutive 128-byte pieces
+  if (unit >= (long long)chunks * tiles) return;    // of the same 16 rows of W
   const int lane = id & 31, g = lane >> 2, t = lane & 3;
-  const int tile = unit % tiles, c = unit / tiles;
-  const uint4 word4 = qweight[id];
+  const int tile = unit / chunks, c = unit % chunks;
+  const uint4 word4 = qweight[((size_t)c * tiles + tile) * 32 + lane];
   const uint2 rec = meta[((size_t)(c / group_chunks) * tiles + tile) * 8 + g];
   const float2 sc = __half22float2(as_t2<__half2>(rec.y));
   const float s_row[2] = {sc.x, sc.y * Dtype<T>::kHighRowFactor};
@@ -410,16 +461,18 @@ extern "C" cudaError_t gptq_lab_int4_dequant(const void* qweight, const void* me
 
 // x [M, K] (K a multiple of 64, rows contiguous), y [M, N]; dtype 0 = fp16, 1 = bf16.
 // group_size: kernel rows per group, a multiple of 64 dividing K (K for per-channel).
-// warps: warps per block (1..8), or 0 to let the launcher choose.
+// warps: warps per block (1..8), nt: tiles of 16 outputs per block (1, 2, 4); 0 lets the
+// launcher choose (other values are for tuning).
 extern "C" cudaError_t gptq_lab_int4_decode(const void* x, const void* qweight, const void* meta,
                                             void* y, int M, int N, int K, int group_size,
-                                            int warps, int dtype, cudaStream_t stream) {
+                                            int warps, int nt, int dtype, cudaStream_t stream) {
   if (M <= 0 || N <= 0) return cudaSuccess;
   if (K <= 0 || K % 64 || group_size <= 0 || group_size % 64 || K % group_size ||
-      (N + 15) / 16 > 65535)                        // tiles are the grid's y dimension
+      (N + 15) / 16 > 65535)                        // tile groups are the grid's y dimension
     return cudaErrorInvalidValue;
   return dtype == 1
              ? gptq_lab::launch<__nv_bfloat16>(x, qweight, meta, y, M, N, K, group_size, warps,
-                                               stream)
-             : gptq_lab::launch<__half>(x, qweight, meta, y, M, N, K, group_size, warps, stream);
+                                               nt, stream)
+             : gptq_lab::launch<__half>(x, qweight, meta, y, M, N, K, group_size, warps, nt,
+                                        stream);
 }
