@@ -32,8 +32,9 @@ def prepare_model(model: nn.Module, release_checkpoint: bool = False, cuda_decod
                   fuse: bool = False) -> nn.Module:
     """``QuantLinear.prepare`` every quantized layer (after the model is on its device) and
     return the model. ``release_checkpoint`` frees the checkpoint-layout ``qweight`` of layers
-    that got a kernel layout: the model then runs but cannot be saved. ``cuda_decode`` also
-    keeps the CUDA decode kernel's layout (faster decoding, about twice the weight memory).
+    that got a kernel layout: the model then runs but cannot be saved. ``cuda_decode`` keeps
+    the CUDA decode kernel's layout instead of the Triton one (faster decoding, same memory;
+    see ``QuantLinear.prepare``).
     ``fuse`` first fuses, in place, the quantized linears that read the same input (q/k/v,
     gate/up; ``gptq_lab.fuse.fuse_model``) so each group is one matmul; groups that cannot fuse
     are left as they are. A fused model runs (and compiles) but cannot be saved as a GPTQ

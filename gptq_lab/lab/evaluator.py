@@ -238,8 +238,8 @@ class Evaluator:
                      fuse: bool = False) -> pd.DataFrame:
         """Decode and prefill tokens/s, weights and peak GB per model and generation path, by
         ``gptq_lab.generate.measure_decode`` (what benchmarks/decode.py runs). Quantized layers
-        are ``prepare``d first (``cuda_decode=True``: also with the CUDA decode kernel's layout,
-        faster decoding on a GPU for about twice the weight memory; ``fuse=True``: q/k/v and
+        are ``prepare``d first (``cuda_decode=True``: with the CUDA decode kernel's layout instead of
+        the Triton one, faster decoding on a GPU for the same memory; ``fuse=True``: q/k/v and
         gate/up fused into one matmul each, in place, after which those models cannot be
         saved). Meaningful on a GPU; on a CPU pass small ``DecodeSettings(..., compile=False)``
         (the defaults time 2048-token prompts)."""
