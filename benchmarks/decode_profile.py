@@ -1,6 +1,6 @@
 """Where a decode step's time goes: device time per kind of kernel, fp16 against int4.
 
-    python benchmarks/decode_profile.py                          # 7B shape, int4 with the CUDA kernel
+    python benchmarks/decode_profile.py                          # 7B shape, int4: CUDA kernel, fused
     python benchmarks/decode_profile.py --kernels default        # int4 on the Triton kernels only
     python benchmarks/decode_profile.py --eager                  # the uncompiled step (one kernel per op)
     python benchmarks/decode_profile.py --tiny --device cpu      # smoke run (CPU op times)
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from decode import SHAPES, build_float, emit, free, load_int4, make_checkpoint
+from decode import KERNELS, SHAPES, build_float, emit, free, load_int4, make_checkpoint
 
 from gptq_lab.generate import StaticGreedy
 
@@ -112,8 +112,8 @@ def main(argv=None) -> str:
     ap.add_argument("--shape", default="7b", choices=sorted(SHAPES))
     ap.add_argument("--tiny", action="store_true", help="the tiny shape and few steps (CPU smoke run)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--kernels", default="cuda", choices=("default", "cuda"),
-                    help="int4 layers on Triton alone (default) or with the CUDA decode kernel (cuda)")
+    ap.add_argument("--kernels", default="cuda+fuse", choices=KERNELS,
+                    help="int4 layers: Triton (default) or the CUDA layout (cuda), +fuse: q/k/v and gate/up fused")
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 32; tiny 4)")
     ap.add_argument("--steps", type=int, default=None, help="profiled decode steps (default 16; tiny 2)")
     ap.add_argument("--eager", action="store_true", help="profile the uncompiled step (default on CPU)")

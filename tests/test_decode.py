@@ -137,7 +137,7 @@ def test_profile_benchmark_smoke_run_on_cpu(monkeypatch, tmp_path):
     monkeypatch.setenv("OUT", str(tmp_path))
     text = bench.main(["--tiny", "--device", "cpu"])
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith(("| fp16", "| int4"))]
-    assert [r[0] for r in rows] == ["| fp16", "| int4 (cuda)"]
+    assert [r[0] for r in rows] == ["| fp16", "| int4 (cuda+fuse)"]
     for r in rows:                                   # the groups add up to the kernels' total
         groups = [float(c.split()[0]) for c in r[1:5]]
         assert float(r[5]) == pytest.approx(sum(groups), abs=2e-3) and float(r[5]) > 0
