@@ -176,7 +176,7 @@ def table(rows: list[dict], settings: DecodeSettings, header: str) -> str:
                    "GB: weights (parameters + buffers), peak allocation during the path's runs. "
                    "int4/fp16 rows: ratios (speedups for tokens/s, fractions for GB). "
                    "int4: Triton kernels; int4 cuda: prepare_model(cuda_decode=True), the CUDA layout only "
-                   "(decode kernel up to 64 rows, its dequantization + cuBLAS above); +fuse: "
+                   "(decode kernel up to 128 rows, its dequantization + cuBLAS above); +fuse: "
                    "prepare_model(fuse=True), q/k/v and gate/up each one int4 matmul.")]
     return "\n".join(lines)
 

@@ -29,8 +29,10 @@ from .ops import cached_layout, workspace
 SOURCES = [Path(__file__).parent / "cuda" / n for n in ("binding.cpp", "int4_decode.cu")]
 ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
 MIN_M, MAX_M = 1, 16    # where it beats Triton (H200, 2026-11-27: batch 1 too, since v3)
-MAX_SLAB_M = 64        # prepared layers without a Triton layout: the kernel up to here,
-                       # dequantize + cuBLAS above
+MAX_SLAB_M = 128       # prepared layers without a Triton layout: the kernel up to here,
+                       # dequantize + cuBLAS above (H100, 2026-11-27: at 64 rows the kernel
+                       # is 0.8-0.9x fp16, dequantize + cuBLAS 0.35-0.5x; Triton's fused
+                       # kernel 1.1-1.3x, but cuda_decode layers keep no Triton layout)
 
 
 @functools.cache

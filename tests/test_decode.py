@@ -3,6 +3,8 @@ generation eager vs static cache, measure_decode, and the decode benchmark's CPU
 GPU tests (marked ``gpu``) check the Triton paths and torch.compile + CUDA graphs."""
 from __future__ import annotations
 
+import copy
+
 import importlib.util
 import math
 import sys
@@ -170,7 +172,7 @@ def test_evaluator_reports_the_same_figures():
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("cuda_decode,rows", [
     (False, (1, 16, 300)),                  # Triton: gemv, tensor-core gemm, dequant + cuBLAS
-    (True, (1, 16, 17, 64, 65, 300)),       # the CUDA kernel up to 64 rows, then its dequant + cuBLAS
+    (True, (1, 16, 17, 64, 128, 129, 300)),  # the CUDA kernel up to 128 rows, then its dequant + cuBLAS
 ])
 def test_gpu_prepared_paths_match_the_reference(act_order, cuda_decode, rows):
     result, layer = rtn_layer(512, 256, 4, 128, act_order=act_order, bias=True)
@@ -187,14 +189,19 @@ def test_gpu_prepared_paths_match_the_reference(act_order, cuda_decode, rows):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("cuda_decode", [False, True])
-def test_gpu_compiled_cuda_graph_decode_equals_eager(cuda_decode):
+@pytest.mark.parametrize("cuda_decode,fuse", [(False, False), (True, False), (False, True), (True, True)])
+def test_gpu_compiled_cuda_graph_decode_equals_eager(cuda_decode, fuse):
     model = quantized_llama(group_size=64)
     model.lm_head.weight.data *= 30                       # peaked logits: fp16 rounding cannot flip argmax
-    model = prepare_model(model.cuda().half(), release_checkpoint=True, cuda_decode=cuda_decode)
+    model = model.cuda().half()
+    plain = prepare_model(copy.deepcopy(model), cuda_decode=cuda_decode) if fuse else None
+    model = prepare_model(model, release_checkpoint=True, cuda_decode=cuda_decode, fuse=fuse)
     assert all(q.backend == "triton" and q.qweight.numel() == 0 for q in quant_linears(model).values())
+    assert len(quant_linears(model)) == (4 if fuse else 7) * model.config.num_hidden_layers
     ids = token_ids(2, 8).cuda()
     eager = eager_greedy(model, ids, 10)
+    if fuse:                                              # fusing changes no token
+        assert torch.equal(eager, eager_greedy(plain, ids, 10))
     fast = StaticGreedy(model)                            # fullgraph, reduce-overhead
     for _ in range(3):                                    # warm-up, record, replay
         out = fast(ids, 10)

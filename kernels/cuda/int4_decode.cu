@@ -169,7 +169,7 @@ template <int NT> __host__ __device__ constexpr int ring_bytes() { return kStage
 // all four k-tiles as x[m][64c + 16t .. 64c + 16t + 15]: two 16-byte loads per batch row
 // (through L1: every tile of the SM reads the same activations).
 template <typename T, int MT, int NT>
-__global__ void __launch_bounds__(kMaxWarps * 32, NT == 1 ? 4 : 1)  // (sm_80 spilled without)
+__global__ void __launch_bounds__(kMaxWarps * 32, NT == 1 ? 0 : 1)  // (NT > 1 spilled on sm_80)
 int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
                    const uint2* __restrict__ meta, T* __restrict__ y, int M, int N, int K,
                    int group_chunks) {
@@ -197,7 +197,7 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
       if (GPTQ_LAB_ABLATE != 3 && issued < c_end) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
-          if (nt < nt_valid) {
+          if (NT == 1 || nt < nt_valid) {
             cp_async16(&wslot[stage * U + u][nt][lane], wsrc + nt * 32);
             cp_async8(&mslot[stage * U + u][nt][lane], msrc + nt * 8);
           }
