@@ -123,7 +123,7 @@ def measure(model, shape: str, dtype: str, paths: list[str], settings: DecodeSet
         except Exception as e:  # noqa: BLE001 -- a failed path (e.g. a compile error) must not lose the other rows
             traceback.print_exc()
             figures = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
-        log(f"{shape} {dtype} {path}: {time.perf_counter() - t0:.0f}s")
+        log(f"{shape} {dtype} {path}: {time.perf_counter() - t0:.0f}s {figures}")   # kept if a later row dies
         rows.append({"shape": shape, "path": path, "dtype": dtype, **figures})
         torch._dynamo.reset()
     return rows
