@@ -34,16 +34,23 @@ def prepare_model(model: nn.Module, release_checkpoint: bool = False, cuda_decod
     return the model. ``release_checkpoint`` frees the checkpoint-layout ``qweight`` of layers
     that got a kernel layout: the model then runs but cannot be saved. ``cuda_decode`` keeps
     the CUDA decode kernel's layout instead of the Triton one (faster decoding, same memory;
-    see ``QuantLinear.prepare``).
+    see ``QuantLinear.prepare``), made for the model's dtype (``activation_dtype``).
     ``fuse`` first fuses, in place, the quantized linears that read the same input (q/k/v,
     gate/up; ``gptq_lab.fuse.fuse_model``) so each group is one matmul; groups that cannot fuse
     are left as they are. A fused model runs (and compiles) but cannot be saved as a GPTQ
     checkpoint (its state_dict names changed; ``save`` refuses it): save first, or reload."""
     if fuse:
         fuse_model(model)
+    act_dtype = activation_dtype(model)
     for layer in quant_linears(model).values():
-        layer.prepare(release_checkpoint=release_checkpoint, cuda_decode=cuda_decode)
+        layer.prepare(release_checkpoint=release_checkpoint, cuda_decode=cuda_decode, act_dtype=act_dtype)
     return model
+
+
+def activation_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype the model computes in: that of its first float16/bfloat16 parameter (QuantLinear
+    holds buffers only, so this is an embedding or a norm), or None for a float32 model."""
+    return next((p.dtype for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)), None)
 
 
 def weight_bytes(model: nn.Module) -> int:

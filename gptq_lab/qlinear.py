@@ -131,7 +131,8 @@ class QuantLinear(nn.Module):
     # ------------------------------------------------------------------ inference path
     dequant_above = 128     # rows of x above which W is dequantized once per call (prefill)
 
-    def prepare(self, release_checkpoint: bool = False, cuda_decode: bool = False) -> QuantLinear:
+    def prepare(self, release_checkpoint: bool = False, cuda_decode: bool = False,
+                act_dtype: torch.dtype | None = None) -> QuantLinear:
         """Choose the kernel for the layer's current device and keep its runtime layout; call
         again after moving the layer. Checks the buffers once (forward then checks nothing).
 
@@ -142,7 +143,9 @@ class QuantLinear(nn.Module):
         the CUDA kernel's layout instead (``kernels.cuda_pack``, buffers ``cuda_*``): calls of up
         to ``cuda_ops.MAX_SLAB_M`` rows run on the CUDA kernel, larger ones dequantize from that
         layout into the shared buffer and use torch.matmul. Same memory as the Triton layout,
-        faster decoding; layers the CUDA kernel cannot run keep the Triton layout.
+        faster decoding; layers the CUDA kernel cannot run keep the Triton layout. That layout is
+        made for one activation dtype: ``act_dtype`` (float16 or bfloat16; default the scales'
+        dtype, float16); inputs of another dtype take the reference path (refused once released).
         Elsewhere: the torch reference, written without data-dependent branches.
         """
         device = self.qweight.device
@@ -155,7 +158,8 @@ class QuantLinear(nn.Module):
                      "kernel_zeros", "kernel_perm"):
             self._buffers.pop(name, None)                    # a layout from an earlier prepare()
         if cuda_decode and device.type == "cuda" and self.bits == 4 and cuda_ops.unavailable() is None:
-            dtype = self.scales.dtype if self.scales.dtype in (torch.float16, torch.bfloat16) else torch.float16
+            dtype = act_dtype or (self.scales.dtype if self.scales.dtype in (torch.float16, torch.bfloat16)
+                                  else torch.float16)
             p = cuda_ops.prepared_for(self.qweight, self.scales, self.qzeros, self.g_idx, 4, dtype)
             if p is not None:
                 for name in ("qweight", "meta", "perm"):
@@ -188,6 +192,11 @@ class QuantLinear(nn.Module):
         if self._kernel_meta is not None and flat.is_cuda and flat.dtype in (torch.float16, torch.bfloat16):
             p = self._kernel_layout()
             return kernel_ops.dequant_mm(flat, p) if big else kernel_ops.gptq_mm(flat, p)
+        if c is not None and self._released:
+            raise UnsupportedModelError(
+                f"this layer was prepared for {c.dtype} activations (cuda_decode) and its checkpoint tensors "
+                f"were freed, so a {flat.dtype} input on {flat.device} cannot run; prepare the model for this "
+                f"dtype (prepare_model(model, cuda_decode=True) takes the model's dtype)")
         self._check_not_released("run this input on the reference path")
         w = kernels.reference.dequantize_unchecked(self.qweight, self.scales, self.qzeros, self.g_idx,
                                                    self.bits)                               # [K, N] fp32

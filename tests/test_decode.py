@@ -165,26 +165,39 @@ def test_evaluator_reports_the_same_figures():
     assert all(q.backend == "reference" for q in quant_linears(ev.models["int4"]).values())
 
 
+def test_activation_dtype_is_the_models_float_dtype():
+    from gptq_lab.generate import activation_dtype
+    model = quantized_llama()
+    assert activation_dtype(model) is None                               # float32
+    assert activation_dtype(model.half()) == torch.float16
+    assert activation_dtype(model.to(torch.bfloat16)) == torch.bfloat16
+
+
 # ---------------------------------------------------------------------- GPU
 
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("act_order", [False, True])
-@pytest.mark.parametrize("cuda_decode,rows", [
-    (False, (1, 16, 300)),                  # Triton: gemv, tensor-core gemm, dequant + cuBLAS
-    (True, (1, 16, 17, 64, 128, 129, 300)),  # the CUDA kernel up to 128 rows, then its dequant + cuBLAS
+@pytest.mark.parametrize("cuda_decode,rows,dtype", [
+    (False, (1, 16, 300), torch.float16),   # Triton: gemv, tensor-core gemm, dequant + cuBLAS
+    (True, (1, 16, 17, 64, 128, 129, 300), torch.float16),   # CUDA kernel to 128 rows, then dequant
+    (True, (1, 16, 300), torch.bfloat16),   # the CUDA layout made for bf16 activations
 ])
-def test_gpu_prepared_paths_match_the_reference(act_order, cuda_decode, rows):
+def test_gpu_prepared_paths_match_the_reference(act_order, cuda_decode, rows, dtype):
     result, layer = rtn_layer(512, 256, 4, 128, act_order=act_order, bias=True)
-    x = torch.randn(300, 512).half()
+    x = torch.randn(300, 512).to(dtype)
     expected = reference_output(result, layer, x.float())                           # on the CPU
-    layer = layer.cuda().prepare(release_checkpoint=True, cuda_decode=cuda_decode)
+    layer = layer.cuda().prepare(release_checkpoint=True, cuda_decode=cuda_decode, act_dtype=dtype)
     assert layer.backend == "triton" and layer.qweight.numel() == 0
     if cuda_decode:                          # one layout only: the CUDA kernel's
         assert layer.cuda_qweight is not None and not hasattr(layer, "kernel_qweight")
+        assert layer._cuda_meta.dtype == dtype
     for m in rows:
         err = (layer(x[:m].cuda()).double().cpu() - expected[:m]).norm() / expected[:m].norm()
-        assert err < 3e-3, f"m={m}: relative error {err:.2e}"
+        assert err < (3e-3 if dtype == torch.float16 else 1e-2), f"m={m}: relative error {err:.2e}"
+    if cuda_decode:                          # another dtype cannot fall back once released
+        with pytest.raises(UnsupportedModelError, match="prepared for"):
+            layer(x[:1].cuda().to(torch.float16 if dtype == torch.bfloat16 else torch.bfloat16))
 
 
 @pytest.mark.gpu
