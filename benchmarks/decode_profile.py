@@ -20,6 +20,7 @@ Output goes to stdout and to $OUT/decode_profile.txt when OUT is set.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import tempfile
 import time
@@ -58,18 +59,14 @@ def profile_steps(model: torch.nn.Module, prompt: int, steps: int, device: torch
         token = greedy.prefill(ids, cache)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
         sync(device)
-        if record is not None:
-            record.__enter__()
-        t0 = time.perf_counter()
-        for i in range(steps):
-            if greedy.compiled:
-                torch.compiler.cudagraph_mark_step_begin()
-            token = greedy.step(token, cache, positions[i:i + 1]).clone()
-        sync(device)
-        elapsed = time.perf_counter() - t0
-        if record is not None:
-            record.__exit__(None, None, None)
-        return elapsed
+        with record or contextlib.nullcontext():
+            t0 = time.perf_counter()
+            for i in range(steps):
+                if greedy.compiled:
+                    torch.compiler.cudagraph_mark_step_begin()
+                token = greedy.step(token, cache, positions[i:i + 1]).clone()
+            sync(device)
+            return time.perf_counter() - t0
 
     with torch.no_grad():
         for _ in range(2):

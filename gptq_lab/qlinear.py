@@ -38,9 +38,8 @@ from .arch import in_out_features, is_conv1d
 from .config import QuantConfig
 from .errors import NumericalError, UnsupportedModelError
 from .gptq import GPTQResult
-from .kernels import cuda_ops
+from .kernels import cuda_ops, triton_pack
 from .kernels import ops as kernel_ops
-from .kernels import triton_pack
 from .quant import group_index
 
 CONFIG_ATTR = "gptq_config"   # convert() and io.load() record the QuantConfig on the model here
@@ -185,10 +184,10 @@ class QuantLinear(nn.Module):
     def _prepared_forward(self, flat: torch.Tensor) -> torch.Tensor:
         """Branches only on shapes, dtypes and devices (static under torch.compile)."""
         c = self._cuda_meta
-        big = flat.shape[0] > self.dequant_above
         if c is not None and flat.is_cuda and flat.dtype == c.dtype:
             p = c._replace(qweight=self.cuda_qweight, meta=self.cuda_meta, perm=self.cuda_perm)
             return cuda_ops.matmul(flat, p)
+        big = flat.shape[0] > self.dequant_above
         if self._kernel_meta is not None and flat.is_cuda and flat.dtype in (torch.float16, torch.bfloat16):
             p = self._kernel_layout()
             return kernel_ops.dequant_mm(flat, p) if big else kernel_ops.gptq_mm(flat, p)

@@ -24,7 +24,7 @@ import torch
 
 from .cuda_pack import PreparedCUDA, kernel_input, prepare
 from .cuda_pack import supports as layer_supports
-from .ops import cached_layout, workspace
+from .ops import cached_layout, matmul_dequantized
 
 SOURCES = [Path(__file__).parent / "cuda" / n for n in ("binding.cpp", "int4_decode.cu")]
 ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
@@ -105,20 +105,16 @@ def _(qweight, meta, group_size, out_features, k_rows, dtype):
 
 
 def dequant_mm(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:
-    """x [..., K] (p.dtype, CUDA) -> [..., N] by dequantizing W once into a buffer shared by all
-    layers, then torch.matmul (cuBLAS): the fast path for large M (prefill). Under torch.compile
-    the op returns a fresh tensor instead (the compiler plans memory)."""
+    """x [..., K] (p.dtype, CUDA) -> [..., N] by dequantizing W from the CUDA layout once
+    (``ops.matmul_dequantized``), then torch.matmul (cuBLAS): the fast path for large M."""
     if x.dtype != p.dtype:
         raise ValueError(f"x is {x.dtype} but the layer was prepared for {p.dtype}")
     flat = kernel_input(x.reshape(-1, p.in_features), p)                         # [M, K'64]
-    k_rows = flat.shape[1]
-    if torch.compiler.is_compiling():
-        w = torch.ops.gptq_lab.cuda_int4_dequant(p.qweight, p.meta, p.group_size, p.out_features,
-                                                 k_rows, p.dtype)
-    else:
-        w = workspace(p.out_features * k_rows, p.dtype, x.device).view(p.out_features, k_rows)
-        _build().int4_dequant(p.qweight, p.meta, p.group_size, w)
-    out = flat @ w.t()                                                           # [M, N]
+    out = matmul_dequantized(
+        flat, p.out_features,
+        lambda: torch.ops.gptq_lab.cuda_int4_dequant(p.qweight, p.meta, p.group_size,
+                                                     p.out_features, flat.shape[1], p.dtype),
+        lambda w: _build().int4_dequant(p.qweight, p.meta, p.group_size, w))
     return out.reshape(*x.shape[:-1], p.out_features)
 
 

@@ -131,21 +131,32 @@ def clear_workspaces() -> None:
     _WORKSPACES.clear()
 
 
-def dequant_mm(x: torch.Tensor, p: PreparedGPTQ) -> torch.Tensor:
-    """x [..., K] fp16/bf16 on CUDA -> [..., N] by dequantizing W once into a buffer, then
-    torch.matmul (cuBLAS): the fast path for large M (prefill). Eager calls write into the shared
-    ``workspace``; under torch.compile the op returns a fresh tensor (the compiler plans memory)."""
-    flat = permute_input(x.reshape(-1, p.in_features), p)                        # [M, K']
+def matmul_dequantized(flat: torch.Tensor, n: int, fresh, into) -> torch.Tensor:
+    """flat [M, K'] @ W^T -> [M, N] with W [N, K'] dequantized once for this call (large M: the
+    product then runs on cuBLAS). Eager calls dequantize with ``into(buffer)`` into the shared
+    ``workspace``; under torch.compile ``fresh()`` (a custom op) returns a new tensor, since the
+    compiler plans memory. Shared by every layout's dequantize-then-matmul path."""
     k_rows = flat.shape[1]
     if torch.compiler.is_compiling():
-        w = torch.ops.gptq_lab.triton_gptq_dequant(p.qweight, p.scales, p.zeros, p.perm, p.bits,
-                                                   p.group_size, p.zero, p.in_features,
-                                                   p.out_features, x.dtype)
+        w = fresh()
     else:
-        from .triton_gemm import dequantize_weight
-        w = workspace(p.out_features * k_rows, x.dtype, x.device).view(p.out_features, k_rows)
-        dequantize_weight(p, x.dtype, k_rows, out=w)                            # [N, K']
-    out = flat @ w.t()                                                           # [M, N]
+        w = workspace(n * k_rows, flat.dtype, flat.device).view(n, k_rows)
+        into(w)
+    return flat @ w.t()
+
+
+def dequant_mm(x: torch.Tensor, p: PreparedGPTQ) -> torch.Tensor:
+    """x [..., K] fp16/bf16 on CUDA -> [..., N] by dequantizing W once (``matmul_dequantized``),
+    then torch.matmul (cuBLAS): the fast path for large M (prefill)."""
+    from .triton_gemm import dequantize_weight
+    flat = permute_input(x.reshape(-1, p.in_features), p)                        # [M, K']
+    k_rows = flat.shape[1]
+    out = matmul_dequantized(
+        flat, p.out_features,
+        lambda: torch.ops.gptq_lab.triton_gptq_dequant(p.qweight, p.scales, p.zeros, p.perm, p.bits,
+                                                       p.group_size, p.zero, p.in_features,
+                                                       p.out_features, x.dtype),
+        lambda w: dequantize_weight(p, x.dtype, k_rows, out=w))                  # [N, K']
     return out.reshape(*x.shape[:-1], p.out_features)
 
 

@@ -4,7 +4,6 @@ GPU tests (marked ``gpu``) check the Triton paths and torch.compile + CUDA graph
 from __future__ import annotations
 
 import copy
-
 import importlib.util
 import math
 import sys
@@ -115,12 +114,20 @@ def test_released_layer_refuses_to_save(tmp_path):
         layer.dequantize()
 
 
-def test_benchmark_smoke_run_on_cpu(monkeypatch, tmp_path):
-    path = Path(__file__).parent.parent / "benchmarks" / "decode.py"
-    spec = importlib.util.spec_from_file_location("decode_benchmark", path)
+def load_benchmark(name: str, monkeypatch, out_dir: Path):
+    """benchmarks/<name>.py as a module (benchmarks/ on sys.path: they import each other), with
+    $OUT set to ``out_dir``."""
+    bench_dir = Path(__file__).parent.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", bench_dir / f"{name}.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setenv("OUT", str(out_dir))
+    return bench
+
+
+def test_benchmark_smoke_run_on_cpu(monkeypatch, tmp_path):
+    bench = load_benchmark("decode", monkeypatch, tmp_path)
     text = bench.main(["--tiny", "--device", "cpu"])
     rows = [line for line in text.splitlines() if line.startswith("| tiny")]
     assert [r.split(" | ")[1:3] for r in rows] == [["eager", "fp16"], ["fast", "fp16"], ["eager", "int4"],
@@ -131,12 +138,7 @@ def test_benchmark_smoke_run_on_cpu(monkeypatch, tmp_path):
 
 
 def test_profile_benchmark_smoke_run_on_cpu(monkeypatch, tmp_path):
-    bench_dir = Path(__file__).parent.parent / "benchmarks"
-    monkeypatch.syspath_prepend(str(bench_dir))
-    spec = importlib.util.spec_from_file_location("decode_profile", bench_dir / "decode_profile.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    monkeypatch.setenv("OUT", str(tmp_path))
+    bench = load_benchmark("decode_profile", monkeypatch, tmp_path)
     text = bench.main(["--tiny", "--device", "cpu"])
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith(("| fp16", "| int4"))]
     assert [r[0] for r in rows] == ["| fp16", "| int4 (cuda+fuse)"]

@@ -3,13 +3,12 @@ eager and under torch.compile(fullgraph=True); groups that cannot fuse are skipp
 from __future__ import annotations
 
 import copy
-import importlib.util
 import operator
-from pathlib import Path
 
 import pytest
 import torch
 from checkpoint_fixture import tiny_model, token_ids
+from test_decode import load_benchmark
 from test_qlinear import rtn_layer
 
 from gptq_lab import QuantConfig, UnsupportedModelError, convert, quantize_model, save
@@ -138,11 +137,7 @@ def test_save_refuses_a_fused_model_and_unknown_families_are_left_alone(tmp_path
 
 
 def test_benchmark_smoke_run_with_fused_rows(monkeypatch, tmp_path):
-    path = Path(__file__).parent.parent / "benchmarks" / "decode.py"
-    spec = importlib.util.spec_from_file_location("decode_benchmark", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    monkeypatch.setenv("OUT", str(tmp_path))
+    bench = load_benchmark("decode", monkeypatch, tmp_path)
     text = bench.main(["--tiny", "--device", "cpu", "--paths", "fast", "--kernels", "default,default+fuse"])
     rows = [line.split(" | ")[1:3] for line in text.splitlines() if line.startswith("| tiny")]
     assert rows == [["fast", "fp16"], ["fast", "int4"], ["fast", "int4/fp16"],

@@ -139,6 +139,11 @@ def run_interpreter_cases() -> list[str]:
         err = rel_err(matmul(x, p), x.double() @ w.double())
         if not err < TOL[torch.float16]:
             failures.append(f"heuristic m={m}: {err:.2e}")
+    from gptq_lab.kernels.ops import dequant_mm  # prefill: dequantize once, then matmul
+    x = torch.randn(5, 192).half()
+    err = rel_err(dequant_mm(x, p), x.double() @ w.double())
+    if not err < TOL[torch.float16]:
+        failures.append(f"dequant_mm: {err:.2e}")
     return failures
 
 

@@ -117,6 +117,21 @@ __device__ __forceinline__ void dequant(uint32_t w, uint32_t z, uint32_t (&a)[4]
   for (int r = 0; r < 4; ++r) a[r] = as_u32(__hsub2(as_t2<T2>(raw[r]), (r & 1) ? z_hi : z_lo));
 }
 
+// One chunk of one tile as the lane holds it: its 16-byte weight word (one 32-bit word per
+// k-tile) and its group's record -> the four k-tiles' A registers (code - zero) and the scales
+// of rows g and g + 8 (the latter with the fp16 factor 1/16, see dequant).
+template <typename T>
+__device__ __forceinline__ void dequant_chunk(const uint4& w, const uint2& rec, uint32_t (&a)[4][4],
+                                              float& s_lo, float& s_hi) {
+  const float2 sc = __half22float2(as_t2<__half2>(rec.y));
+  s_lo = sc.x;
+  s_hi = sc.y * Dtype<T>::kHighRowFactor;
+  dequant<T>(w.x, rec.x, a[0]);
+  dequant<T>(w.y, rec.x, a[1]);
+  dequant<T>(w.z, rec.x, a[2]);
+  dequant<T>(w.w, rec.x, a[3]);
+}
+
 template <int N>
 __device__ __forceinline__ uint32_t word(const uint4& v) {
   return N == 0 ? v.x : N == 1 ? v.y : N == 2 ? v.z : v.w;
@@ -252,17 +267,14 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
       for (int nt = 0; nt < NT; ++nt) {
         const uint4 w = wslot[read_stage * U + u][nt][lane];
         const uint2 rec = mslot[read_stage * U + u][nt][lane];
-        const float2 sc = __half22float2(as_t2<__half2>(rec.y));
-        const float s_lo = sc.x, s_hi = sc.y * Dtype<T>::kHighRowFactor;
         if (GPTQ_LAB_ABLATE == 1) {
-          acc[0][nt][0] += __uint_as_float((w.x ^ w.y ^ w.z ^ w.w ^ rec.x) & 0x3fffffffu) * s_lo;
+          acc[0][nt][0] += __uint_as_float((w.x ^ w.y ^ w.z ^ w.w ^ rec.x) & 0x3fffffffu) *
+                           __low2float(as_t2<__half2>(rec.y));
           continue;
         }
         uint32_t a[4][4];
-        dequant<T>(w.x, rec.x, a[0]);
-        dequant<T>(w.y, rec.x, a[1]);
-        dequant<T>(w.z, rec.x, a[2]);
-        dequant<T>(w.w, rec.x, a[3]);
+        float s_lo, s_hi;
+        dequant_chunk<T>(w, rec, a, s_lo, s_hi);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           float part[4] = {0.f, 0.f, 0.f, 0.f};
@@ -407,13 +419,9 @@ __global__ void int4_dequant_kernel(const uint4* __restrict__ qweight,
   const int tile = unit / chunks, c = unit % chunks;
   const uint4 word4 = qweight[((size_t)c * tiles + tile) * 32 + lane];
   const uint2 rec = meta[((size_t)(c / group_chunks) * tiles + tile) * 8 + g];
-  const float2 sc = __half22float2(as_t2<__half2>(rec.y));
-  const float s_row[2] = {sc.x, sc.y * Dtype<T>::kHighRowFactor};
   uint32_t a[4][4];
-  dequant<T>(word4.x, rec.x, a[0]);
-  dequant<T>(word4.y, rec.x, a[1]);
-  dequant<T>(word4.z, rec.x, a[2]);
-  dequant<T>(word4.w, rec.x, a[3]);
+  float s_row[2];
+  dequant_chunk<T>(word4, rec, a, s_row[0], s_row[1]);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {            // rows g (registers 0, 2), g + 8 (1, 3)
     const int n = tile * 16 + g + 8 * half;
