@@ -30,7 +30,8 @@ def build(variant: str):
     """variant "S" (ring depth S) or "S/A" (depth S, ablation A: see int4_decode.cu)."""
     from gptq_lab.kernels import cuda_ops
     stages, _, ablate = variant.partition("/")
-    return cuda_ops._build(int(stages), ARCH_90, int(ablate or 0))
+    defines = (f"GPTQ_LAB_STAGES={stages}",) + ((f"GPTQ_LAB_ABLATE={ablate}",) if ablate else ())
+    return cuda_ops._build(ARCH_90, defines)
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ from .arch import in_out_features, is_conv1d
 from .config import QuantConfig
 from .errors import NumericalError, UnsupportedModelError
 from .gptq import GPTQResult
-from .kernels import cuda_ops, triton_pack
+from .kernels import cuda_ops, cuda_pack, triton_pack
 from .kernels import ops as kernel_ops
 from .quant import group_index
 
@@ -175,6 +175,15 @@ class QuantLinear(nn.Module):
                 setattr(self, name, t.new_empty((0, t.shape[1])))
             self._released = True
         return self
+
+    def _apply(self, fn, recurse: bool = True):
+        """Module.to/cuda/half...: a moved CUDA layout must land before the kernel reads it
+        (``cuda_pack.settle``)."""
+        out = super()._apply(fn, recurse)
+        layout = self._buffers.get("cuda_qweight")
+        if layout is not None:
+            cuda_pack.settle(layout)
+        return out
 
     def _kernel_layout(self):
         b, gs, zero, k, n = self._kernel_meta

@@ -109,10 +109,21 @@ def prepare(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
     scales = _pairs(torch.nn.functional.pad(scales.half(), (0, np_ - n)))           # [G,nt,8,2]
     zero_pair = (zeros * factor + MAGIC[dtype]).to(dtype).contiguous().view(torch.int32)   # [...,1]
     meta = torch.cat([zero_pair, scales.contiguous().view(torch.int32)], dim=-1)      # [G,nt,8,2]
-    return PreparedCUDA(
+    prepared = PreparedCUDA(
         qweight=_pack_codes(codes).contiguous(), meta=meta.contiguous(),
         perm=perm, group_size=group_size, k_rows=k_rows, in_features=k, out_features=n,
         dtype=dtype)
+    settle(prepared.qweight)
+    return prepared
+
+
+def settle(t: torch.Tensor) -> None:
+    """Wait until the writes of a CUDA layout's tensors (``t``'s device, current stream) have
+    landed. On sm_90 the kernel is launched as a programmatic dependent and reads its weights
+    before it waits for the previous kernel of the stream: the layout must not be written by
+    that kernel. Called once per packing (or move), never on the decode path."""
+    if t.is_cuda and not torch.cuda.is_current_stream_capturing():
+        torch.cuda.current_stream(t.device).synchronize()
 
 
 def _pack_codes(codes: torch.Tensor) -> torch.Tensor:
