@@ -5,8 +5,9 @@
     python benchmarks/cuda_variants.py --stages 4 --warps 0 --nt 0,1,2,4 --batches 1,8,16,64
 
 Each variant is checked against the float64 product of the dequantized weight before it is
-timed; times are GPU time of CUDA-graph replays with L2 flushed (as benchmarks/kernels.py),
-fp16 ``torch.matmul`` on the same call as the baseline. The table goes to stdout and, with
+timed; times are GPU time of CUDA-graph replays, ``--timing`` as in benchmarks/kernels.py
+(rotate: back to back over weight copies > 3 x L2; flush: one call after an L2 flush), fp16
+``torch.matmul`` on the same call as the baseline. The table goes to stdout and, with
 $OUT set, JSON to $OUT/cuda_variants.json. Production uses the default depth in
 kernels/cuda/int4_decode.cu and the launcher's choice of warps and tiles per block (0).
 """
@@ -20,7 +21,7 @@ import sys
 
 import torch
 
-from kernels import bench, gptq_layer
+from kernels import TIMING, bench, copies_for, gptq_layer
 
 ARCH_90 = ("-gencode=arch=compute_90,code=sm_90",)
 SHAPES = ["4096x4096", "4096x11008", "11008x4096", "8192x8192", "8192x28672", "28672x8192"]
@@ -37,12 +38,14 @@ def build(variant: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build", default=None, help="only compile these depths, in parallel processes")
-    ap.add_argument("--stages", default="8")
+    ap.add_argument("--stages", default="4")
     ap.add_argument("--warps", default="0,2,4,8", help="0 = the launcher's choice")
     ap.add_argument("--nt", default="0", help="tiles of 16 outputs per block (1, 2, 4); 0 = the launcher's")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--timing", choices=("rotate", "flush"), default="rotate")
     args = ap.parse_args()
+    TIMING["mode"] = args.timing
     if args.build:
         procs = [subprocess.Popen([sys.executable, __file__, "--build-one", s]) for s in args.build.split(",")]
         sys.exit(max(p.wait() for p in procs))
@@ -59,17 +62,23 @@ def main() -> None:
         w16 = torch.randn(k, n, device="cuda", dtype=torch.float16)
         p = cuda_pack.prepare(*layer, 4, torch.float16)
         w_ref = dequantize_gptq(*layer, 4).double()
+        copies = [p] + [p._replace(qweight=p.qweight.clone(), meta=p.meta.clone())
+                        for _ in range(copies_for(k * n // 2) - 1)]
+        w16_copies = [w16] + [torch.randn_like(w16) for _ in range(copies_for(2 * k * n) - 1)]
+        torch.cuda.synchronize()                   # the copies' layouts have landed (see settle)
         for m in (int(b) for b in args.batches.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             ref = x.double() @ w_ref
-            row = {"shape": shape, "M": m, "fp16_us": bench(lambda: torch.matmul(x, w16))}  # noqa: B023
+            row = {"shape": shape, "M": m, "fp16_us": bench(
+                lambda: torch.matmul(x, w16),                                          # noqa: B023
+                [lambda w=w: torch.matmul(x, w) for w in w16_copies])}                 # noqa: B023
             for s in stages:
                 ext = build(s)
                 for w in warps:
                     for nt in nts:
-                        def call():
-                            return ext.int4_decode(x, p.qweight, p.meta, p.group_size,  # noqa: B023
-                                                   p.out_features, w, nt)           # noqa: B023
+                        def call(c=p):
+                            return ext.int4_decode(x, c.qweight, c.meta, c.group_size,  # noqa: B023
+                                                   c.out_features, w, nt)           # noqa: B023
                         try:
                             y = call()
                         except RuntimeError as e:
@@ -78,7 +87,7 @@ def main() -> None:
                         err = float((y.double() - ref).norm() / ref.norm())
                         if not err < 2e-3 and "/" not in s:
                             raise SystemExit(f"stages {s} warps {w} nt {nt} {shape} M={m}: rel. error {err:.2e}")
-                        row[f"v:s{s}w{w}n{nt}"] = bench(call)
+                        row[f"v:s{s}w{w}n{nt}"] = bench(call, [lambda c=c: call(c) for c in copies])
             rows.append(row)
             bytes_ = k * n // 2
             best = min((v, c) for c, v in row.items() if c.startswith("v:"))

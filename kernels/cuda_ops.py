@@ -2,7 +2,7 @@
 
     y = gptq_matmul(x, qweight, scales, qzeros, g_idx, bits)    # reference's signature
     y = cuda_mm(x, p)                                           # p = cuda_pack.prepare(...)
-    y = dequant_mm(x, p)            # large M: W dequantized from p block by block, cuBLAS
+    y = dequant_mm(x, p)            # large M: W dequantized from p into a shared buffer, cuBLAS
     y = matmul(x, p)                # either, by M (what a prepared cuda_decode layer runs)
 
 The sources are built by ``torch.utils.cpp_extension.load`` the first time a CUDA call needs
@@ -24,7 +24,7 @@ import torch
 
 from .cuda_pack import PreparedCUDA, kernel_input, prepare
 from .cuda_pack import supports as layer_supports
-from .ops import cached_layout, workspace
+from .ops import cached_layout, matmul_dequantized
 
 SOURCES = [Path(__file__).parent / "cuda" / n for n in ("binding.cpp", "int4_decode.cu")]
 ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
@@ -33,8 +33,6 @@ MAX_SLAB_M = 128       # prepared layers without a Triton layout: the kernel up 
                        # dequantize + cuBLAS above (H100, 2026-11-27: at 64 rows the kernel
                        # is 0.8-0.9x fp16, dequantize + cuBLAS 0.35-0.5x; Triton's fused
                        # kernel 1.1-1.3x, but cuda_decode layers keep no Triton layout)
-PREFILL_BLOCK_BYTES = 16 << 20   # dequantized weight per block in eager dequant_mm (see
-                                 # dequant_blocked; benchmarks/prefill_matmul.py measures it)
 
 
 @functools.cache
@@ -104,46 +102,18 @@ def _(qweight, meta, group_size, out_features, k_rows, dtype):
     return qweight.new_empty((out_features, k_rows), dtype=dtype)
 
 
-def dequant_mm(x: torch.Tensor, p: PreparedCUDA, block_bytes: int | None = None) -> torch.Tensor:
-    """x [..., K] (p.dtype, CUDA) -> [..., N] by dequantizing W from the CUDA layout, then
-    torch.matmul (cuBLAS): the fast path for large M. Eager calls go block of rows by block of
-    rows (``dequant_blocked``); under torch.compile W is dequantized whole, into a tensor the
-    compiler plans."""
+def dequant_mm(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:
+    """x [..., K] (p.dtype, CUDA) -> [..., N] by dequantizing W from the CUDA layout once
+    (``ops.matmul_dequantized``), then torch.matmul (cuBLAS): the fast path for large M."""
     if x.dtype != p.dtype:
         raise ValueError(f"x is {x.dtype} but the layer was prepared for {p.dtype}")
     flat = kernel_input(x.reshape(-1, p.in_features), p)                         # [M, K'64]
-    if torch.compiler.is_compiling():                # the compiler plans the memory
-        w = torch.ops.gptq_lab.cuda_int4_dequant(p.qweight, p.meta, p.group_size, p.out_features,
-                                                 flat.shape[1], p.dtype)
-        out = flat @ w.t()
-    else:
-        out = dequant_blocked(flat, p, PREFILL_BLOCK_BYTES if block_bytes is None else block_bytes)
+    out = matmul_dequantized(
+        flat, p.out_features,
+        lambda: torch.ops.gptq_lab.cuda_int4_dequant(p.qweight, p.meta, p.group_size,
+                                                     p.out_features, flat.shape[1], p.dtype),
+        lambda w: _build().int4_dequant(p.qweight, p.meta, p.group_size, w))
     return out.reshape(*x.shape[:-1], p.out_features)
-
-
-def block_rows(n: int, k_rows: int, itemsize: int, block_bytes: int) -> int:
-    """Rows of W per block: about ``block_bytes`` of dequantized weight, a multiple of 256 (whole
-    cuBLAS tiles), at least 256; all of W when that is not smaller."""
-    rows = max(256, block_bytes // (k_rows * itemsize) // 256 * 256)
-    return min(n, rows)
-
-
-def dequant_blocked(flat: torch.Tensor, p: PreparedCUDA, block_bytes: int) -> torch.Tensor:
-    """flat [M, K'] @ W^T, W dequantized into the shared workspace ``block_bytes`` at a time: each
-    block of rows is written and then read by its matmul while it is still in L2, and the next
-    block overwrites it there, so the dequantized weight need not travel to memory and back
-    (what makes prefill slower than fp16 when W is dequantized whole). Each block's product is
-    written by cuBLAS straight into its columns of the output (a strided view, ldc = N)."""
-    n, k_rows = p.out_features, flat.shape[1]
-    rows = block_rows(n, k_rows, flat.element_size(), block_bytes)
-    w_all = workspace(rows * k_rows, flat.dtype, flat.device)
-    out = flat.new_empty((flat.shape[0], n))
-    for n0 in range(0, n, rows):
-        r = min(rows, n - n0)
-        w = w_all[:r * k_rows].view(r, k_rows)
-        _build().int4_dequant(p.qweight, p.meta, p.group_size, w, n, n0)
-        torch.mm(flat, w.t(), out=out[:, n0:n0 + r])
-    return out
 
 
 def matmul(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:

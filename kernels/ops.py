@@ -135,8 +135,7 @@ def matmul_dequantized(flat: torch.Tensor, n: int, fresh, into) -> torch.Tensor:
     """flat [M, K'] @ W^T -> [M, N] with W [N, K'] dequantized once for this call (large M: the
     product then runs on cuBLAS). Eager calls dequantize with ``into(buffer)`` into the shared
     ``workspace``; under torch.compile ``fresh()`` (a custom op) returns a new tensor, since the
-    compiler plans memory. (The CUDA layout dequantizes by blocks of rows instead:
-    ``cuda_ops.dequant_blocked``.)"""
+    compiler plans memory. Shared by every layout's dequantize-then-matmul path."""
     k_rows = flat.shape[1]
     if torch.compiler.is_compiling():
         w = fresh()

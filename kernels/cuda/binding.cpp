@@ -8,8 +8,8 @@ extern "C" cudaError_t gptq_lab_int4_decode(const void* x, const void* qweight, 
                                             void* y, int M, int N, int K, int group_size,
                                             int warps, int nt, int dtype, cudaStream_t stream);
 extern "C" cudaError_t gptq_lab_int4_dequant(const void* qweight, const void* meta, void* w,
-                                             int N, int n_begin, int rows, int K, int group_size,
-                                             int dtype, cudaStream_t stream);
+                                             int N, int K, int group_size, int dtype,
+                                             cudaStream_t stream);
 
 static void check_layout(const torch::Tensor& qweight, const torch::Tensor& meta, int64_t k,
                          int64_t n, int64_t group_size) {
@@ -46,23 +46,17 @@ torch::Tensor int4_decode(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
   return y;
 }
 
-// w [rows, K] fp16/bf16 contiguous <- rows [n_begin, n_begin + rows) of the weight [n, K]
-// dequantized from the layout (in place); n = -1: the whole weight (n = rows, n_begin = 0).
-void int4_dequant(torch::Tensor qweight, torch::Tensor meta, int64_t group_size, torch::Tensor w,
-                  int64_t n, int64_t n_begin) {
+// w [N, K] fp16/bf16 contiguous <- the weight dequantized from the layout (in place).
+void int4_dequant(torch::Tensor qweight, torch::Tensor meta, int64_t group_size, torch::Tensor w) {
   TORCH_CHECK(w.is_cuda() && w.dim() == 2 && w.is_contiguous(), "w must be a contiguous 2-D CUDA tensor");
   TORCH_CHECK(w.scalar_type() == at::kHalf || w.scalar_type() == at::kBFloat16,
               "w must be float16 or bfloat16, got ", w.scalar_type());
   TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0, "w must be 16-byte aligned");
-  const int64_t rows = w.size(0), k = w.size(1);
-  if (n < 0) n = rows;
-  TORCH_CHECK(n_begin >= 0 && n_begin % 16 == 0 && n_begin + rows <= n,
-              "rows [", n_begin, ", ", n_begin + rows, ") are not a 16-aligned range of ", n);
+  const int64_t n = w.size(0), k = w.size(1);
   check_layout(qweight, meta, k, n, group_size);
   const c10::cuda::CUDAGuard guard(w.device());
   const cudaError_t err = gptq_lab_int4_dequant(
-      qweight.data_ptr(), meta.data_ptr(), w.data_ptr(), static_cast<int>(n),
-      static_cast<int>(n_begin), static_cast<int>(rows), static_cast<int>(k),
+      qweight.data_ptr(), meta.data_ptr(), w.data_ptr(), static_cast<int>(n), static_cast<int>(k),
       static_cast<int>(group_size), w.scalar_type() == at::kBFloat16 ? 1 : 0,
       at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "gptq_lab int4_dequant launch failed: ", cudaGetErrorString(err));
@@ -75,5 +69,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("nt") = 0);
   m.def("int4_dequant", &int4_dequant, "dequantize the int4 layout into w [N, K] (in place)",
         pybind11::arg("qweight"), pybind11::arg("meta"), pybind11::arg("group_size"),
-        pybind11::arg("w"), pybind11::arg("n") = -1, pybind11::arg("n_begin") = 0);
+        pybind11::arg("w"));
 }

@@ -451,92 +451,69 @@ cudaError_t launch(const void* x, const void* qweight, const void* meta, void* y
 }
 
 // W [N, K] in the activation dtype from the same layout, for a cuBLAS matmul at large M
-// (prefill): y = x @ W^T; or rows [16 tile0, 16 tile0 + rows) of it, so that the caller can
-// dequantize a block of rows small enough to stay in L2 until its matmul reads it. Each warp
-// handles kDequantUnits (chunk, tile) units, tile-major (consecutive warps write consecutive
-// 128-byte pieces of the same 16 rows), and loads all their words before using any (several
-// loads in flight per thread). Per unit, one lane dequantizes its four A fragments exactly as
-// the matmul does, applies the scales (value = scale * (code - zero), rounded once) and writes
-// its two rows' 16 contiguous k: rows g and g + 8, k = 64c + 16t + i (the k-permutation inside
-// the chunk makes those 16 values contiguous, see the layout).
-#ifndef GPTQ_LAB_DEQUANT_UNITS
-#define GPTQ_LAB_DEQUANT_UNITS 4
-#endif
-constexpr int kDequantUnits = GPTQ_LAB_DEQUANT_UNITS;
-
+// (prefill): y = x @ W^T. One thread per lane word of a (chunk, tile): it dequantizes the four
+// A fragments exactly as the matmul does, applies the scales (value = scale * (code - zero),
+// rounded once) and writes its two rows' 16 contiguous k: rows g and g + 8, k = 64c + 16t + i,
+// where the k-permutation inside the chunk makes those 16 values contiguous (see the layout).
 template <typename T>
 __global__ void int4_dequant_kernel(const uint4* __restrict__ qweight,
                                     const uint2* __restrict__ meta, T* __restrict__ w, int N,
-                                    int tile0, int rows, int K, int group_chunks) {
+                                    int K, int group_chunks) {
   using T2 = typename Dtype<T>::T2;
-  const int tiles = (N + 15) / 16, slice_tiles = (rows + 15) / 16, chunks = K / 64;
-  const long long warp_id = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  const long long units = (long long)chunks * slice_tiles;
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  uint4 word4[kDequantUnits];
-  uint2 rec[kDequantUnits];
+  const int tiles = (N + 15) / 16;
+  const long long id = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  const long long unit = id >> 5;                   // (tile, chunk), tile-major: consecutive
+  const int chunks = K / 64;                        // warps write consecutive 128-byte pieces
+  if (unit >= (long long)chunks * tiles) return;    // of the same 16 rows of W
+  const int lane = id & 31, g = lane >> 2, t = lane & 3;
+  const int tile = unit / chunks, c = unit % chunks;
+  const uint4 word4 = qweight[((size_t)c * tiles + tile) * 32 + lane];
+  const uint2 rec = meta[((size_t)(c / group_chunks) * tiles + tile) * 8 + g];
+  uint32_t a[4][4];
+  float s_row[2];
+  dequant_chunk<T>(word4, rec, a, s_row[0], s_row[1]);
 #pragma unroll
-  for (int i = 0; i < kDequantUnits; ++i) {       // all loads first
-    const long long unit = warp_id * kDequantUnits + i;
-    if (unit >= units) break;
-    const int tile = tile0 + (int)(unit / chunks), c = (int)(unit % chunks);
-    word4[i] = qweight[((size_t)c * tiles + tile) * 32 + lane];
-    rec[i] = meta[((size_t)(c / group_chunks) * tiles + tile) * 8 + g];
-  }
+  for (int half = 0; half < 2; ++half) {            // rows g (registers 0, 2), g + 8 (1, 3)
+    const int n = tile * 16 + g + 8 * half;
+    if (n >= N) continue;
+    uint32_t out[8];
 #pragma unroll
-  for (int i = 0; i < kDequantUnits; ++i) {
-    const long long unit = warp_id * kDequantUnits + i;
-    if (unit >= units) break;
-    const int tile = (int)(unit / chunks), c = (int)(unit % chunks);   // tile inside the slice
-    uint32_t a[4][4];
-    float s_row[2];
-    dequant_chunk<T>(word4[i], rec[i], a, s_row[0], s_row[1]);
+    for (int j = 0; j < 4; ++j)
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {          // rows g (registers 0, 2), g + 8 (1, 3)
-      const int n = tile * 16 + g + 8 * half;
-      if (n >= rows) continue;
-      uint32_t out[8];
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {               // k = 16t + 4j + 2h + (0, 1)
-          const float2 v = make_float2(__low2float(as_t2<T2>(a[j][2 * h + half])),
-                                       __high2float(as_t2<T2>(a[j][2 * h + half])));
-          T2 r;
-          r.x = Dtype<T>::from_float(v.x * s_row[half]);
-          r.y = Dtype<T>::from_float(v.y * s_row[half]);
-          out[2 * j + h] = as_u32(r);
-        }
-      uint4* dst = reinterpret_cast<uint4*>(w + (size_t)n * K + (size_t)c * 64 + 16 * t);
-      dst[0] = make_uint4(out[0], out[1], out[2], out[3]);
-      dst[1] = make_uint4(out[4], out[5], out[6], out[7]);
-    }
+      for (int h = 0; h < 2; ++h) {                 // k = 16t + 4j + 2h + (0, 1)
+        const float2 v = make_float2(__low2float(as_t2<T2>(a[j][2 * h + half])),
+                                     __high2float(as_t2<T2>(a[j][2 * h + half])));
+        T2 r;
+        r.x = Dtype<T>::from_float(v.x * s_row[half]);
+        r.y = Dtype<T>::from_float(v.y * s_row[half]);
+        out[2 * j + h] = as_u32(r);
+      }
+    uint4* dst = reinterpret_cast<uint4*>(w + (size_t)n * K + (size_t)c * 64 + 16 * t);
+    dst[0] = make_uint4(out[0], out[1], out[2], out[3]);
+    dst[1] = make_uint4(out[4], out[5], out[6], out[7]);
   }
 }
 
 }  // namespace gptq_lab
 
-// w [rows, K] (K a multiple of 64, 16-byte aligned) <- rows [n_begin, n_begin + rows) of the
-// dequantized weight [N, K] (n_begin a multiple of 16); dtype as below.
+// w [N, K] (K a multiple of 64, 16-byte aligned) <- the dequantized weight; dtype as below.
 extern "C" cudaError_t gptq_lab_int4_dequant(const void* qweight, const void* meta, void* w,
-                                             int N, int n_begin, int rows, int K, int group_size,
-                                             int dtype, cudaStream_t stream) {
-  if (rows <= 0) return cudaSuccess;
-  if (K <= 0 || K % 64 || group_size <= 0 || group_size % 64 || K % group_size || n_begin < 0 ||
-      n_begin % 16 || n_begin + rows > N)
+                                             int N, int K, int group_size, int dtype,
+                                             cudaStream_t stream) {
+  if (N <= 0) return cudaSuccess;
+  if (K <= 0 || K % 64 || group_size <= 0 || group_size % 64 || K % group_size)
     return cudaErrorInvalidValue;
-  const long long warps = ((long long)(K / 64) * ((rows + 15) / 16) + gptq_lab::kDequantUnits - 1) /
-                          gptq_lab::kDequantUnits;
+  const long long threads = (long long)(K / 64) * ((N + 15) / 16) * 32;
   const int block = 256;
-  const unsigned grid = (unsigned)((warps * 32 + block - 1) / block);
+  const unsigned grid = (unsigned)((threads + block - 1) / block);
   const uint4* qw = static_cast<const uint4*>(qweight);
   const uint2* mp = static_cast<const uint2*>(meta);
   if (dtype == 1)
     gptq_lab::int4_dequant_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(
-        qw, mp, static_cast<__nv_bfloat16*>(w), N, n_begin / 16, rows, K, group_size / 64);
+        qw, mp, static_cast<__nv_bfloat16*>(w), N, K, group_size / 64);
   else
     gptq_lab::int4_dequant_kernel<__half><<<grid, block, 0, stream>>>(
-        qw, mp, static_cast<__half*>(w), N, n_begin / 16, rows, K, group_size / 64);
+        qw, mp, static_cast<__half*>(w), N, K, group_size / 64);
   return cudaGetLastError();
 }
 
