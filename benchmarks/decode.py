@@ -130,10 +130,10 @@ def measure(model, shape: str, dtype: str, paths: list[str], settings: DecodeSet
 
 
 def run_shape(shape: str, paths: list[str], device: torch.device, settings: DecodeSettings,
-              workdir: Path, kernels: tuple[str, ...] = ("default",)) -> list[dict]:
+              workdir: Path, kernels: tuple[str, ...] = ("default",), fp16: bool = True) -> list[dict]:
     log(f"{shape}: building the fp16 model")
     model = build_float(shape, device)
-    rows = measure(model, shape, "fp16", paths, settings)
+    rows = measure(model, shape, "fp16", paths, settings) if fp16 else []
     log(f"{shape}: RTN 4-bit g128 and save")
     ckpt = workdir / f"{shape}-gptq-4bit-g128"
     try:
@@ -187,7 +187,9 @@ def main(argv=None) -> str:
     ap.add_argument("--paths", default="eager,fast", help="comma list of " + ", ".join(PATHS))
     ap.add_argument("--tiny", action="store_true", help="a tiny Llama and short runs (CPU smoke test)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batches", default=None, help="batch sizes besides 1 (default 8,32)")
+    ap.add_argument("--batches", default=None, help="batch sizes besides 1 (default 8,32; none: only batch 1)")
+    ap.add_argument("--no-fp16", action="store_true",
+                    help="skip the fp16 rows (e.g. to compare int4 settings; no ratios then)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per figure (median)")
     ap.add_argument("--kernels", default="default",
                     help="int4 variants, comma list of default (Triton), cuda (prepare_model(cuda_decode="
@@ -207,7 +209,8 @@ def main(argv=None) -> str:
         settings = DecodeSettings(**{**settings.__dict__, "compile": False})
     if args.batches or args.repeats:
         settings = DecodeSettings(**{**settings.__dict__,
-                                     **({"batches": tuple(int(b) for b in args.batches.split(","))}
+                                     **({"batches": () if args.batches == "none" else
+                                         tuple(int(b) for b in args.batches.split(","))}
                                         if args.batches else {}),
                                      **({"repeats": args.repeats} if args.repeats else {})})
     device = torch.device(args.device)
@@ -215,7 +218,8 @@ def main(argv=None) -> str:
     rows = []
     with tempfile.TemporaryDirectory(prefix="gptq_lab_decode_") as tmp:
         for shape in shapes:
-            rows += run_shape(shape, paths, device, settings, Path(tmp), tuple(kernels))
+            rows += run_shape(shape, paths, device, settings, Path(tmp), tuple(kernels),
+                              fp16=not args.no_fp16)
     import transformers
     header = (f"Decode benchmark on {card}: torch {torch.__version__}, transformers "
               f"{transformers.__version__}; int4 = GPTQ checkpoint (RTN, 4-bit g128 sym) via gptq_lab.load; "
