@@ -1,13 +1,15 @@
 """Prefill-sized int4 matmuls of the CUDA layout against fp16, on one CUDA GPU (issue #8).
 
     python benchmarks/prefill_matmul.py                       # 7B layer shapes, M = 2048
+    python benchmarks/prefill_matmul.py --variants GPTQ_LAB_DEQUANT_STORE=1,GPTQ_LAB_DEQUANT_STORE=2
 
 A prepared ``cuda_decode`` layer runs calls of more than ``cuda_ops.MAX_SLAB_M`` rows as
 dequantize + cuBLAS (``cuda_ops.dequant_mm``). This times, per shape (K x N, fused q/k/v and
 gate/up as the fused 7B model runs them):
 
 - fp16 ``torch.matmul`` (x @ W^T, as nn.Linear);
-- the dequantization kernel alone, in GB/s counting bytes read and written;
+- the dequantization kernel alone, in GB/s counting bytes read and written (``--variants``:
+  also compile-time variants of it, see int4_decode.cu, each checked equal to the default);
 - dequant + matmul as the layer runs it (``cuda_ops.dequant_mm``), checked against the float64
   product first.
 
@@ -37,6 +39,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", type=int, default=2048)
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--variants", default="", help="comma list of NAME=VALUE defines, one build each")
     args = ap.parse_args()
     from gptq_lab.kernels import cuda_ops, cuda_pack
     from gptq_lab.kernels.reference import dequantize_gptq
@@ -63,10 +66,21 @@ def main() -> None:
                "dequant_ms": ms(lambda: ext.int4_dequant(p.qweight, p.meta, p.group_size, w)),  # noqa: B023
                "int4_ms": ms(lambda: cuda_ops.dequant_mm(x, p))}                          # noqa: B023
         row["dequant_gbs"] = moved / row["dequant_ms"] / 1e6
+        ext.int4_dequant(p.qweight, p.meta, p.group_size, w)
+        for define in filter(None, args.variants.split(",")):
+            variant = cuda_ops._build(("-gencode=arch=compute_90,code=sm_90",), (define,))
+            wv = torch.empty_like(w)
+            variant.int4_dequant(p.qweight, p.meta, p.group_size, wv)
+            if not torch.equal(wv, w):
+                raise SystemExit(f"{name}: {define} dequantizes differently")
+            t = ms(lambda v=variant, o=wv: v.int4_dequant(p.qweight, p.meta, p.group_size, o))  # noqa: B023
+            row[f"{define} GB/s"] = moved / t / 1e6
         rows.append(row)
         print(f"{name:>8} {k}x{n}: fp16 {row['fp16_ms']:.3f} ms  int4 {row['int4_ms']:.3f} ms "
               f"({row['fp16_ms'] / row['int4_ms']:.2f}x fp16)  dequant alone {row['dequant_ms']:.3f} ms "
-              f"= {row['dequant_gbs']:.0f} GB/s", flush=True)
+              f"= {row['dequant_gbs']:.0f} GB/s"
+              + "".join(f"  {k[:-5]}: {v:.0f} GB/s" for k, v in row.items() if k.endswith(" GB/s")),
+              flush=True)
     if len(rows) == len(SHAPES):
         fp16, int4 = sum(r["fp16_ms"] for r in rows), sum(r["int4_ms"] for r in rows)
         print(f"one 7B block: fp16 {fp16:.3f} ms  int4 {int4:.3f} ms ({fp16 / int4:.2f}x fp16)", flush=True)

@@ -76,6 +76,18 @@ def test_sources_compile_for_sm80_and_sm90_without_spills(tmp_path):
     assert len(spills) == 24 and max(spills) == 0, log     # 2 archs x 2 dtypes x (5 (MT, NT) + dequant)
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+@pytest.mark.parametrize("store", [1, 2])
+def test_dequant_store_variants_compile(tmp_path, store):
+    """The timing variants of the dequantization's stores (benchmarks/prefill_matmul.py)."""
+    cmd = ["nvcc", "-c", "-O3", "-std=c++17", "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v",
+           f"-DGPTQ_LAB_DEQUANT_STORE={store}", str(CU), "-o", str(tmp_path / "variant.o")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", run.stdout + run.stderr)]
+    assert len(spills) == 12 and max(spills) == 0
+
+
 # ------------------------------------------------------------------ GPU
 
 @cuda

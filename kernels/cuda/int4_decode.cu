@@ -455,6 +455,13 @@ cudaError_t launch(const void* x, const void* qweight, const void* meta, void* y
 // A fragments exactly as the matmul does, applies the scales (value = scale * (code - zero),
 // rounded once) and writes its two rows' 16 contiguous k: rows g and g + 8, k = 64c + 16t + i,
 // where the k-permutation inside the chunk makes those 16 values contiguous (see the layout).
+#ifndef GPTQ_LAB_DEQUANT_STORE  // how the dequantization writes (variants for timing, same values):
+#define GPTQ_LAB_DEQUANT_STORE 0  // 0: each lane stores its 2 x 16 bytes of each of its two rows;
+#endif                            // 1: the warp stages its 16 rows x 128 bytes in shared memory,
+                                  // then stores whole 128-byte rows (full sectors per store);
+                                  // 2: as 0 with streaming (evict-first) stores
+constexpr int kDequantBlock = 256;                // threads per block (the launcher's)
+
 template <typename T>
 __global__ void int4_dequant_kernel(const uint4* __restrict__ qweight,
                                     const uint2* __restrict__ meta, T* __restrict__ w, int N,
@@ -467,6 +474,8 @@ __global__ void int4_dequant_kernel(const uint4* __restrict__ qweight,
   if (unit >= (long long)chunks * tiles) return;    // of the same 16 rows of W
   const int lane = id & 31, g = lane >> 2, t = lane & 3;
   const int tile = unit / chunks, c = unit % chunks;
+  // variant 1: per warp 16 rows of 8 16-byte words, padded to 9 (conflict-free both ways)
+  __shared__ uint4 stage[GPTQ_LAB_DEQUANT_STORE == 1 ? kDequantBlock / 32 : 1][16][9];
   const uint4 word4 = qweight[((size_t)c * tiles + tile) * 32 + lane];
   const uint2 rec = meta[((size_t)(c / group_chunks) * tiles + tile) * 8 + g];
   uint32_t a[4][4];
@@ -488,9 +497,31 @@ __global__ void int4_dequant_kernel(const uint4* __restrict__ qweight,
         r.y = Dtype<T>::from_float(v.y * s_row[half]);
         out[2 * j + h] = as_u32(r);
       }
+    const uint4 lo = make_uint4(out[0], out[1], out[2], out[3]);
+    const uint4 hi = make_uint4(out[4], out[5], out[6], out[7]);
+    if constexpr (GPTQ_LAB_DEQUANT_STORE == 1) {
+      stage[threadIdx.x >> 5][g + 8 * half][2 * t] = lo;
+      stage[threadIdx.x >> 5][g + 8 * half][2 * t + 1] = hi;
+      continue;
+    }
     uint4* dst = reinterpret_cast<uint4*>(w + (size_t)n * K + (size_t)c * 64 + 16 * t);
-    dst[0] = make_uint4(out[0], out[1], out[2], out[3]);
-    dst[1] = make_uint4(out[4], out[5], out[6], out[7]);
+    if constexpr (GPTQ_LAB_DEQUANT_STORE == 2) {
+      __stcs(dst, lo);
+      __stcs(dst + 1, hi);
+    } else {
+      dst[0] = lo;
+      dst[1] = hi;
+    }
+  }
+  if constexpr (GPTQ_LAB_DEQUANT_STORE == 1) {       // lane l: 16 bytes (l % 8) of rows 4i + l / 8
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = 4 * i + (lane >> 3), word = lane & 7, n = tile * 16 + row;
+      if (n < N)
+        reinterpret_cast<uint4*>(w + (size_t)n * K + (size_t)c * 64)[word] =
+            stage[threadIdx.x >> 5][row][word];
+    }
   }
 }
 
@@ -504,7 +535,7 @@ extern "C" cudaError_t gptq_lab_int4_dequant(const void* qweight, const void* me
   if (K <= 0 || K % 64 || group_size <= 0 || group_size % 64 || K % group_size)
     return cudaErrorInvalidValue;
   const long long threads = (long long)(K / 64) * ((N + 15) / 16) * 32;
-  const int block = 256;
+  const int block = gptq_lab::kDequantBlock;
   const unsigned grid = (unsigned)((threads + block - 1) / block);
   const uint4* qw = static_cast<const uint4*>(qweight);
   const uint2* mp = static_cast<const uint2*>(meta);
