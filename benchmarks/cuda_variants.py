@@ -3,6 +3,9 @@
     python benchmarks/cuda_variants.py --build 4,8,16          # compile the variants (parallel)
     python benchmarks/cuda_variants.py --stages 4,8,16 --batches 1,16
     python benchmarks/cuda_variants.py --stages 4 --warps 0 --nt 0,1,2,4 --batches 1,8,16,64
+    ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section WarpStateStats --section Occupancy -k regex:int4_decode_kernel \
+        python benchmarks/cuda_variants.py --once --warps 0 --batches 1   # one call per shape
 
 Each variant is checked against the float64 product of the dequantized weight before it is
 timed; times are GPU time of CUDA-graph replays, ``--timing`` as in benchmarks/kernels.py
@@ -44,6 +47,8 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--timing", choices=("rotate", "flush"), default="rotate")
+    ap.add_argument("--once", action="store_true",
+                    help="one checked call per variant and shape, no timing (for a profiler such as ncu)")
     args = ap.parse_args()
     TIMING["mode"] = args.timing
     if args.build:
@@ -62,14 +67,16 @@ def main() -> None:
         w16 = torch.randn(k, n, device="cuda", dtype=torch.float16)
         p = cuda_pack.prepare(*layer, 4, torch.float16)
         w_ref = dequantize_gptq(*layer, 4).double()
+        rotations = 1 if args.once else copies_for(k * n // 2)
         copies = [p] + [p._replace(qweight=p.qweight.clone(), meta=p.meta.clone())
-                        for _ in range(copies_for(k * n // 2) - 1)]
-        w16_copies = [w16] + [torch.randn_like(w16) for _ in range(copies_for(2 * k * n) - 1)]
+                        for _ in range(rotations - 1)]
+        w16_copies = [w16] + [torch.randn_like(w16) for _ in range(copies_for(2 * k * n) - 1)
+                              if not args.once]
         torch.cuda.synchronize()                   # the copies' layouts have landed (see settle)
         for m in (int(b) for b in args.batches.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             ref = x.double() @ w_ref
-            row = {"shape": shape, "M": m, "fp16_us": bench(
+            row = {"shape": shape, "M": m, "fp16_us": float("nan") if args.once else bench(
                 lambda: torch.matmul(x, w16),                                          # noqa: B023
                 [lambda w=w: torch.matmul(x, w) for w in w16_copies])}                 # noqa: B023
             for s in stages:
@@ -87,8 +94,12 @@ def main() -> None:
                         err = float((y.double() - ref).norm() / ref.norm())
                         if not err < 2e-3 and "/" not in s:
                             raise SystemExit(f"stages {s} warps {w} nt {nt} {shape} M={m}: rel. error {err:.2e}")
+                        if args.once:
+                            continue
                         row[f"v:s{s}w{w}n{nt}"] = bench(call, [lambda c=c: call(c) for c in copies])
             rows.append(row)
+            if args.once:
+                continue
             bytes_ = k * n // 2
             best = min((v, c) for c, v in row.items() if c.startswith("v:"))
             print(f"{shape:>11} M={m:<3} fp16 {row['fp16_us']:7.1f}  "
