@@ -168,7 +168,7 @@ class DecodeSettings:
     long_prompt: int = 2048
     new_tokens: int = 128
     batches: tuple[int, ...] = (8, 32)
-    repeats: int = 2
+    repeats: int = 3                  # odd: a true median (the same int4 model varied ~5% between runs)
     warmup: int = 1
     vocab: int | None = None          # token ids drawn below this (default: the model's vocab)
     seed: int = 0
