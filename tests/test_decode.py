@@ -137,6 +137,14 @@ def test_benchmark_smoke_run_on_cpu(monkeypatch, tmp_path):
     assert (tmp_path / "decode.txt").read_text() == text + "\n"
 
 
+def test_benchmark_compares_int4_settings_without_fp16(monkeypatch, tmp_path):
+    bench = load_benchmark("decode", monkeypatch, tmp_path)
+    text = bench.main(["--tiny", "--device", "cpu", "--paths", "fast", "--no-fp16", "--batches", "none"])
+    assert "| shape | path | dtype | decode b1 p4 | decode b1 p16 | prefill p16 | weights GB | peak GB |" in text
+    rows = [line.split(" | ")[1:3] for line in text.splitlines() if line.startswith("| tiny")]
+    assert rows == [["fast", "int4"]]
+
+
 def test_profile_benchmark_smoke_run_on_cpu(monkeypatch, tmp_path):
     bench = load_benchmark("decode_profile", monkeypatch, tmp_path)
     text = bench.main(["--tiny", "--device", "cpu"])
