@@ -108,6 +108,11 @@ def copies_for(weight_bytes: int) -> int:
     return max(2, -(-3 * l2 // weight_bytes))
 
 
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """||y - ref|| / ||ref|| in ref's precision."""
+    return float((y.to(ref.dtype) - ref).norm() / ref.norm())
+
+
 def bench_eager(fn) -> float:
     from triton.testing import do_bench
     return do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
@@ -184,13 +189,13 @@ def bench_shape(k: int, n: int, batches, act_order: bool, with_cuda: bool = True
             matmul(x16, p_act)
             r["ours_act_us"] = bench(lambda: matmul(x16, p_act))                 # noqa: B023
         ref = x16.float() @ w_ref
-        r["rel_err"] = float((y.float() - ref).norm() / ref.norm())
+        r["rel_err"] = rel_err(y, ref)
         if p_cuda is not None:
             y_cuda = cuda_ops.matmul(x16, p_cuda)
             r["cuda_us"] = bench(lambda: cuda_ops.matmul(x16, p_cuda),               # noqa: B023
                                  rot and [lambda q=c["cuda"]: cuda_ops.matmul(x16, q) for c in rot])  # noqa: B023
             r["cuda_bytes"] = k * n // 2 + 4 * groups * n + io
-            r["cuda_rel_err"] = float((y_cuda.float() - ref).norm() / ref.norm())
+            r["cuda_rel_err"] = rel_err(y_cuda, ref)
         rows.append(r)
         print(_row_line(r), flush=True)
     return rows

@@ -24,15 +24,15 @@ import json
 import os
 
 import torch
+from cuda_variants import ARCH_90
 
-from kernels import gptq_layer
+from kernels import bench_eager, gptq_layer, rel_err
 
 SHAPES = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096)}
 
 
 def ms(fn) -> float:
-    from triton.testing import do_bench
-    return do_bench(fn, warmup=10, rep=100, return_mode="median")
+    return bench_eager(fn) / 1e3
 
 
 def main() -> None:
@@ -53,7 +53,7 @@ def main() -> None:
         x = torch.randn(args.m, k, device="cuda", dtype=torch.float16)
         ref = x.double() @ dequantize_gptq(*layer, 4).double()
         y = cuda_ops.dequant_mm(x, p)
-        err = float((y.double() - ref).norm() / ref.norm())
+        err = rel_err(y, ref)
         if not err < 2e-3:
             raise SystemExit(f"{name}: relative error {err:.2e}")
         del ref
@@ -68,7 +68,7 @@ def main() -> None:
         row["dequant_gbs"] = moved / row["dequant_ms"] / 1e6
         ext.int4_dequant(p.qweight, p.meta, p.group_size, w)
         for define in filter(None, args.variants.split(",")):
-            variant = cuda_ops._build(("-gencode=arch=compute_90,code=sm_90",), (define,))
+            variant = cuda_ops._build(ARCH_90, (define,))
             wv = torch.empty_like(w)
             variant.int4_dequant(p.qweight, p.meta, p.group_size, wv)
             if not torch.equal(wv, w):

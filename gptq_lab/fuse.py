@@ -135,9 +135,14 @@ def _forward_with_fused_groups(self: nn.Module, *args, **kwargs):
             g.input = g.output = None
 
 
+def _group_name(leaves) -> str:
+    """The parent's attribute holding the group of its children ``leaves``."""
+    return "fused_" + "_".join(leaves)
+
+
 def _install(parent: nn.Module, leaves: tuple[str, ...], fused: QuantLinear) -> str:
     """Register the group on ``parent``, replace the members by slices, wrap the forward."""
-    name = "fused_" + "_".join(leaves)
+    name = _group_name(leaves)
     group = FusedGroup(fused, leaves)
     parent.add_module(name, group)
     start = 0
@@ -179,7 +184,7 @@ def _why_not(block: nn.Module, names: tuple[str, ...]) -> str | None:
         if not isinstance(m, QuantLinear):
             return f"{n} is a {type(m).__name__}, not a QuantLinear"
     parent = block.get_submodule(parents.pop())
-    if hasattr(parent, "fused_" + "_".join(n.rpartition(".")[2] for n in names)):
+    if hasattr(parent, _group_name(n.rpartition(".")[2] for n in names)):
         return "the parent already has an attribute of the fused group's name"
     return None
 

@@ -79,11 +79,16 @@ def _(x, qweight, meta, group_size, out_features):
     return x.new_empty((x.shape[0], out_features))
 
 
-def cuda_mm(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:
-    """x [..., K] fp16/bf16 on CUDA (p.dtype) -> [..., N]."""
+def _kernel_rows(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:
+    """x [..., K] -> the layout's input rows [M, K'] (checked against the layout's dtype)."""
     if x.dtype != p.dtype:
         raise ValueError(f"x is {x.dtype} but the layer was prepared for {p.dtype}")
-    flat = kernel_input(x.reshape(-1, p.in_features), p)
+    return kernel_input(x.reshape(-1, p.in_features), p)
+
+
+def cuda_mm(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:
+    """x [..., K] fp16/bf16 on CUDA (p.dtype) -> [..., N]."""
+    flat = _kernel_rows(x, p)
     out = torch.ops.gptq_lab.cuda_int4_mm(flat, p.qweight, p.meta, p.group_size, p.out_features)
     return out.reshape(*x.shape[:-1], p.out_features)
 
@@ -105,9 +110,7 @@ def _(qweight, meta, group_size, out_features, k_rows, dtype):
 def dequant_mm(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:
     """x [..., K] (p.dtype, CUDA) -> [..., N] by dequantizing W from the CUDA layout once
     (``ops.matmul_dequantized``), then torch.matmul (cuBLAS): the fast path for large M."""
-    if x.dtype != p.dtype:
-        raise ValueError(f"x is {x.dtype} but the layer was prepared for {p.dtype}")
-    flat = kernel_input(x.reshape(-1, p.in_features), p)                         # [M, K'64]
+    flat = _kernel_rows(x, p)                                                    # [M, K'64]
     out = matmul_dequantized(
         flat, p.out_features,
         lambda: torch.ops.gptq_lab.cuda_int4_dequant(p.qweight, p.meta, p.group_size,
