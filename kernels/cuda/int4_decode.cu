@@ -44,6 +44,10 @@ __device__ __forceinline__ __nv_bfloat162 __high2half2_any(__nv_bfloat162 v) {
 }
 
 namespace gptq_lab {
+// Internal linkage: builds with other compile-time settings (benchmarks/cuda_variants.py) load
+// into one process, and the launchers' function-local statics would otherwise be one object
+// process-wide (GNU unique symbols).
+namespace {
 
 
 template <typename T> struct Dtype;
@@ -118,19 +122,23 @@ __device__ __forceinline__ void dequant(uint32_t w, uint32_t z, uint32_t (&a)[4]
   for (int r = 0; r < 4; ++r) a[r] = as_u32(__hsub2(as_t2<T2>(raw[r]), (r & 1) ? z_hi : z_lo));
 }
 
-// One chunk of one tile as the lane holds it: its 16-byte weight word (one 32-bit word per
-// k-tile) and its group's record -> the four k-tiles' A registers (code - zero) and the scales
-// of rows g and g + 8 (the latter with the fp16 factor 1/16, see dequant).
+// A group's record -> the scales of rows g and g + 8 (the latter with the fp16 factor 1/16, see
+// dequant).
 template <typename T>
-__device__ __forceinline__ void dequant_chunk(const uint4& w, const uint2& rec, uint32_t (&a)[4][4],
-                                              float& s_lo, float& s_hi) {
+__device__ __forceinline__ void group_scales(const uint2& rec, float& s_lo, float& s_hi) {
   const float2 sc = __half22float2(as_t2<__half2>(rec.y));
   s_lo = sc.x;
   s_hi = sc.y * Dtype<T>::kHighRowFactor;
-  dequant<T>(w.x, rec.x, a[0]);
-  dequant<T>(w.y, rec.x, a[1]);
-  dequant<T>(w.z, rec.x, a[2]);
-  dequant<T>(w.w, rec.x, a[3]);
+}
+
+// One chunk of one tile as the lane holds it: its 16-byte weight word (one 32-bit word per
+// k-tile) and the (zero, zero) pair of its group's record -> the four k-tiles' A registers.
+template <typename T>
+__device__ __forceinline__ void dequant_words(const uint4& w, uint32_t z, uint32_t (&a)[4][4]) {
+  dequant<T>(w.x, z, a[0]);
+  dequant<T>(w.y, z, a[1]);
+  dequant<T>(w.z, z, a[2]);
+  dequant<T>(w.w, z, a[3]);
 }
 
 template <int N>
@@ -178,76 +186,83 @@ __device__ __forceinline__ void allow_dependents() {
 #ifndef GPTQ_LAB_STAGES
 #define GPTQ_LAB_STAGES 4
 #endif
+#ifndef GPTQ_LAB_B1_MINBLOCKS  // blocks of 8 warps per SM the batch <= 8, one-tile kernels are
+#define GPTQ_LAB_B1_MINBLOCKS 4  // compiled for (4: at most 64 registers)
+#endif
+constexpr int kB1MinBlocks = GPTQ_LAB_B1_MINBLOCKS;
 constexpr int kMaxWarps = 8;                // warps per block (they split K)
 constexpr int kStages = GPTQ_LAB_STAGES;    // stages per warp's ring (all but 1 in flight)
-constexpr int kChunkBytes = 32 * (16 + 8);  // one chunk of one tile: each lane's weight word and
-                                            // meta record
-// 64-k chunks per stage (one commit group): two for one tile per block, else one (per tile).
-template <int NT> __host__ __device__ constexpr int unroll() { return NT == 1 ? 2 : 1; }
-template <int NT> __host__ __device__ constexpr int ring_bytes() { return kStages * unroll<NT>() * NT * kChunkBytes; }
+// Bytes of one warp's ring: kStages stages of U chunks x NT tiles (each lane's 16-byte weight
+// word per chunk and tile) and one 8-byte record per lane and tile (the U chunks of a stage
+// share their group).
+template <int NT, int U> __host__ __device__ constexpr int ring_bytes() {
+  return kStages * NT * 32 * (16 * U + 8);
+}
 
 // MT: batch tiles of 8 rows per slab (1 for M <= 8, 2 for M <= 16); NT: tiles of 16 output
 // features per block, sharing each activation fragment (x is read once per block from L2, so
-// NT > 1 divides that traffic, which dominates from batch ~8 on).
-// blockDim.x / 32 warps share the block's tiles, splitting K, and reduce through shared memory
-// at the end. Each warp streams its chunks with cp.async into a ring of kStages stages of
-// unroll<NT>() chunks x NT tiles, kStages - 1 stages in flight while the oldest is dequantized
-// and multiplied; each chunk travels with its group's (zero, scale) record. Each lane copies and
-// later reads only its own words, so the ring needs no barrier (the stage refilled is the one
-// consumed in the previous iteration, whose values are already used). Each chunk's MMAs start
-// from zero and its scales are applied right after them, so no group bookkeeping is needed
-// besides the record pointer, which the issuing side advances by counting.
+// NT > 1 divides that traffic, which dominates from batch ~8 on); U: 64-k chunks per stage
+// (2 where a group spans an even number of chunks and NT is 1, else 1).
+// blockDim.x / 32 warps share the block's tiles, splitting K in whole stages, and reduce
+// through shared memory at the end. Each warp streams its stages with cp.async into a ring of
+// kStages stages, kStages - 1 in flight while the oldest is dequantized and multiplied; each
+// stage travels with its group's (zero, scale) record. Each lane copies and later reads only its
+// own words, so the ring needs no barrier (the stage refilled is the one consumed in the
+// previous step, whose values are already used). The main loop is unrolled over the ring, so
+// every shared-memory address is a constant offset. Each stage's MMAs start from zero and its
+// group's scales are applied right after them, so no group bookkeeping is needed besides the
+// record pointer, which the issuing side advances by counting.
 // Inside a 64-k chunk the k order is permuted so that lane (g, t) reads its B fragments of
 // all four k-tiles as x[m][64c + 16t .. 64c + 16t + 15]: two 16-byte loads per batch row
 // (through L1: every tile of the SM reads the same activations).
-template <typename T, int MT, int NT>
-__global__ void __launch_bounds__(kMaxWarps * 32, NT == 1 ? 0 : 1)  // (NT > 1 spilled on sm_80)
+template <typename T, int MT, int NT, int U>
+__global__ void __launch_bounds__(kMaxWarps * 32, NT > 1 ? 1 : MT > 1 ? 2 : kB1MinBlocks)
 int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
                    const uint2* __restrict__ meta, T* __restrict__ y, int M, int N, int K,
                    int group_chunks) {
-  constexpr int U = unroll<NT>();
-  extern __shared__ uint4 ring[];                   // per warp: [kStages * U][NT][32] words,
-                                                    // then as many records; later the reduction
+  extern __shared__ uint4 ring[];                   // per warp: its ring; later the reduction
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int tiles = (N + 15) / 16, tile0 = blockIdx.y * NT;   // slabs of one tile group run
   const int m_base = blockIdx.x * 8 * MT;           // side by side: all but the first read W from L2
-  const int chunks = K / 64;
-  const int c_begin = warp * chunks / warps, c_end = (warp + 1) * chunks / warps;
+  const int chunks = K / 64, stages = (chunks + U - 1) / U;
+  const int c_begin = warp * stages / warps * U;    // whole stages: a stage shares one group
+  const int c_end = min(chunks, (warp + 1) * stages / warps * U);
 
-  char* mine = reinterpret_cast<char*>(ring) + warp * ring_bytes<NT>();
-  uint4 (*wslot)[NT][32] = reinterpret_cast<uint4 (*)[NT][32]>(mine);
+  char* mine = reinterpret_cast<char*>(ring) + warp * ring_bytes<NT, U>();
+  uint4 (*wslot)[U][NT][32] = reinterpret_cast<uint4 (*)[U][NT][32]>(mine);
   uint2 (*mslot)[NT][32] = reinterpret_cast<uint2 (*)[NT][32]>(mine + kStages * U * NT * 32 * 16);
   const size_t wstride = (size_t)tiles * 32, mstride = (size_t)tiles * 8;
   const uint4* wsrc = qweight + (size_t)c_begin * wstride + (size_t)tile0 * 32 + lane;
   const uint2* msrc = meta + (size_t)(c_begin / group_chunks) * mstride + (size_t)tile0 * 8 + g;
   const int nt_valid = tiles - tile0 < NT ? tiles - tile0 : NT;   // the last group may be short
   int issued = c_begin, issued_in_group = c_begin % group_chunks;
-  auto issue = [&](int stage) {                     // the next U chunks and their records
+  auto issue = [&](int stage) {                     // the next stage: U chunks and their record
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (GPTQ_LAB_ABLATE != 3 && issued < c_end) {
+    for (int nt = 0; nt < NT; ++nt) {
+      if (GPTQ_LAB_ABLATE == 3 || issued >= c_end || (NT > 1 && nt >= nt_valid)) continue;
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-          if (NT == 1 || nt < nt_valid) {
-            cp_async16(&wslot[stage * U + u][nt][lane], wsrc + nt * 32);
-            cp_async8(&mslot[stage * U + u][nt][lane], msrc + nt * 8);
-          }
-      }
-      ++issued;
-      wsrc += wstride;
-      if (++issued_in_group == group_chunks) issued_in_group = 0, msrc += mstride;
+      for (int u = 0; u < U; ++u)
+        if (u == 0 || issued + u < c_end)
+          cp_async16(&wslot[stage][u][nt][lane], wsrc + u * wstride + nt * 32);
+      cp_async8(&mslot[stage][nt][lane], msrc + nt * 8);
     }
+    issued += U;
+    wsrc += U * wstride;
+    issued_in_group += U;
+    if (issued_in_group == group_chunks) issued_in_group = 0, msrc += mstride;
     cp_async_commit();
   };
 
+  // Lane (g, t) reads batch row m_base + 8 mt + g; rows past M read row M - 1 instead (their
+  // MMA columns are never stored), so the loads need no zero fill.
   const uint4* xr[MT];
   bool row_ok[MT];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     const int m = m_base + mt * 8 + g;
     row_ok[mt] = m < M;
-    xr[mt] = reinterpret_cast<const uint4*>(x + (size_t)(row_ok[mt] ? m : 0) * K + 16 * t);
+    xr[mt] = reinterpret_cast<const uint4*>(x + (size_t)(row_ok[mt] ? m : M - 1) * K + 16 * t);
   }
   float acc[MT][NT][4];
 #pragma unroll
@@ -261,59 +276,79 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
   for (int s = 0; s < kStages - 1; ++s) issue(s);  // prologue: the first kStages - 1 stages
   grid_dependency_wait();                           // x and y may belong to the previous kernel
   allow_dependents();
-  int read_stage = 0, write_stage = kStages - 1;
-  for (int c0 = c_begin; c0 < c_end; c0 += U) {
-    issue(write_stage);
-    write_stage = write_stage + 1 == kStages ? 0 : write_stage + 1;
-    uint4 xv[U][MT][2];
+  auto step = [&](int s, int cs) {                  // consume stage s (chunks cs ..), refill the
+    issue(s == 0 ? kStages - 1 : s - 1);            // stage consumed before it
+    uint4 xv[U][MT][2];                             // B fragments of the U chunks
 #pragma unroll
     for (int u = 0; u < U; ++u)
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        const bool ok = row_ok[mt] && (u == 0 || c0 + u < c_end);
         if (GPTQ_LAB_ABLATE == 2) {
-          xv[u][mt][0] = xv[u][mt][1] = make_uint4(c0, c0, c0, c0);
+          xv[u][mt][0] = xv[u][mt][1] = make_uint4(cs, cs, cs, cs);
           continue;
         }
-        xv[u][mt][0] = ok ? __ldg(xr[mt] + (c0 + u) * 8) : make_uint4(0, 0, 0, 0);
-        xv[u][mt][1] = ok ? __ldg(xr[mt] + (c0 + u) * 8 + 1) : make_uint4(0, 0, 0, 0);
+        if (u > 0 && cs + u >= c_end) continue;     // (an odd chunk count: nothing to read)
+        xv[u][mt][0] = __ldg(xr[mt] + (cs + u) * 8);
+        xv[u][mt][1] = __ldg(xr[mt] + (cs + u) * 8 + 1);
       }
     cp_async_wait<kStages - 1>();                   // this stage has landed (this lane's copies)
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (u > 0 && c0 + u >= c_end) break;
+    for (int nt = 0; nt < NT; ++nt) {
+      const uint2 rec = mslot[s][nt][lane];
+      if (GPTQ_LAB_ABLATE == 1) {
+        const uint4 w = wslot[s][0][nt][lane];
+        acc[0][nt][0] += __uint_as_float((w.x ^ w.y ^ w.z ^ w.w ^ rec.x) & 0x3fffffffu) *
+                         __low2float(as_t2<__half2>(rec.y));
+        continue;
+      }
+      float part[MT][4];                            // the stage's sums, before the scales
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const uint4 w = wslot[read_stage * U + u][nt][lane];
-        const uint2 rec = mslot[read_stage * U + u][nt][lane];
-        if (GPTQ_LAB_ABLATE == 1) {
-          acc[0][nt][0] += __uint_as_float((w.x ^ w.y ^ w.z ^ w.w ^ rec.x) & 0x3fffffffu) *
-                           __low2float(as_t2<__half2>(rec.y));
-          continue;
-        }
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) part[mt][i] = 0.f;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (u > 0 && cs + u >= c_end) break;
         uint32_t a[4][4];
-        float s_lo, s_hi;
-        dequant_chunk<T>(w, rec, a, s_lo, s_hi);
+        dequant_words<T>(wslot[s][u][nt][lane], rec.x, a);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          float part[4] = {0.f, 0.f, 0.f, 0.f};
-          mma_16816<T>(part, a[0], word<0>(xv[u][mt][0]), word<1>(xv[u][mt][0]));
-          mma_16816<T>(part, a[1], word<2>(xv[u][mt][0]), word<3>(xv[u][mt][0]));
-          mma_16816<T>(part, a[2], word<0>(xv[u][mt][1]), word<1>(xv[u][mt][1]));
-          mma_16816<T>(part, a[3], word<2>(xv[u][mt][1]), word<3>(xv[u][mt][1]));
-          acc[mt][nt][0] += s_lo * part[0];
-          acc[mt][nt][1] += s_lo * part[1];
-          acc[mt][nt][2] += s_hi * part[2];
-          acc[mt][nt][3] += s_hi * part[3];
+          mma_16816<T>(part[mt], a[0], word<0>(xv[u][mt][0]), word<1>(xv[u][mt][0]));
+          mma_16816<T>(part[mt], a[1], word<2>(xv[u][mt][0]), word<3>(xv[u][mt][0]));
+          mma_16816<T>(part[mt], a[2], word<0>(xv[u][mt][1]), word<1>(xv[u][mt][1]));
+          mma_16816<T>(part[mt], a[3], word<2>(xv[u][mt][1]), word<3>(xv[u][mt][1]));
         }
       }
+      float s_lo, s_hi;
+      group_scales<T>(rec, s_lo, s_hi);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        acc[mt][nt][0] += s_lo * part[mt][0];
+        acc[mt][nt][1] += s_lo * part[mt][1];
+        acc[mt][nt][2] += s_hi * part[mt][2];
+        acc[mt][nt][3] += s_hi * part[mt][3];
+      }
     }
-    read_stage = read_stage + 1 == kStages ? 0 : read_stage + 1;
+  };
+  if constexpr (NT == 1) {                          // unrolled over the ring: constant offsets
+    for (int c0 = c_begin; c0 < c_end; c0 += kStages * U) {
+#pragma unroll
+      for (int s = 0; s < kStages; ++s) {
+        if (s > 0 && c0 + s * U >= c_end) break;
+        step(s, c0 + s * U);
+      }
+    }
+  } else {                                          // (a body unrolled kStages times outgrows
+    int s = 0;                                      // the instruction cache: slower at NT 4)
+    for (int cs = c_begin; cs < c_end; cs += U) {
+      step(s, cs);
+      s = s + 1 == kStages ? 0 : s + 1;
+    }
   }
   cp_async_wait<0>();
   __syncthreads();                                  // the ring becomes the reduction buffer
   float (*red)[MT * 8][NT * 16] = reinterpret_cast<float (*)[MT * 8][NT * 16]>(ring);
-  static_assert(MT * 8 * NT * 16 * 4 <= ring_bytes<NT>(), "reduction buffer larger than a ring");
+  static_assert(MT * 8 * NT * 16 * 4 <= ring_bytes<NT, U>(), "reduction buffer larger than a ring");
 
   // C fragment: c0 = C[g][2t], c1 = C[g][2t+1], c2 = C[g+8][2t], c3 = C[g+8][2t+1],
   // rows = output features of the tile, columns = batch rows of the 8-row slab.
@@ -369,15 +404,15 @@ cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, s
 }
 
 // Warps per block (8, 4, 2 or 1, splitting K; `forced` > 0 overrides, for tuning): the choice
-// with the least time estimated as waves x chunks per warp, where a wave is as many blocks as
+// with the least time estimated as waves x stages per warp, where a wave is as many blocks as
 // the GPU holds at once; ties go to fewer waves (a second, mostly idle wave costs a whole one).
-template <typename T, int MT, int NT>
+template <typename T, int MT, int NT, int U>
 cudaError_t launch_tiles(const T* x, const uint4* qw, const uint2* meta, T* y, int M, int N,
                          int K, int group_chunks, int forced, int sms, cudaStream_t stream) {
   static int fits[4] = {-1, -1, -1, -1};        // per process: one GPU model assumed
   const int warp_options[4] = {8, 4, 2, 1};
-  constexpr int kRing = ring_bytes<NT>();
-  auto kernel = int4_decode_kernel<T, MT, NT>;
+  constexpr int kRing = ring_bytes<NT, U>();
+  auto kernel = int4_decode_kernel<T, MT, NT, U>;
   if (fits[0] < 0) {                            // setup errors are returned, not left sticky
     cudaError_t err = cudaSuccess;
     if (kMaxWarps * kRing > 48 * 1024)
@@ -393,13 +428,14 @@ cudaError_t launch_tiles(const T* x, const uint4* qw, const uint2* meta, T* y, i
   const int groups = (N + 16 * NT - 1) / (16 * NT);
   const int slabs = (M + 8 * MT - 1) / (8 * MT);
   const long long blocks = (long long)groups * slabs;
+  const int stages = (K / 64 + U - 1) / U;
   int warps = 1;
   double best = 1e30;
   for (int i = 0; i < 4; ++i) {
     const int w = warp_options[i];
-    if (w > K / 64 || fits[i] <= 0) continue;
+    if (w > stages || fits[i] <= 0) continue;
     const long long waves = (blocks + (long long)fits[i] * sms - 1) / ((long long)fits[i] * sms);
-    const double cost = (double)waves * ((K / 64 + w - 1) / w) + 1e-3 * waves;
+    const double cost = (double)waves * ((stages + w - 1) / w) + 1e-3 * waves;
     if (cost < best) best = cost, warps = w;
   }
   if (forced > 0) warps = forced < kMaxWarps ? forced : kMaxWarps;
@@ -433,10 +469,12 @@ cudaError_t launch_mt(const T* x, const uint4* qw, const uint2* meta, T* y, int 
   const int nt = tiles_per_block(M, N, MT, sms, nt_forced);
   if constexpr (MT == 2)                        // (MT 1, NT 4 spills: one slab of 8 rows needs
     if (nt == 4)                                // less sharing anyway)
-      return launch_tiles<T, MT, 4>(x, qw, meta, y, M, N, K, group_chunks, warps, sms, stream);
+      return launch_tiles<T, MT, 4, 1>(x, qw, meta, y, M, N, K, group_chunks, warps, sms, stream);
   if (nt >= 2)
-    return launch_tiles<T, MT, 2>(x, qw, meta, y, M, N, K, group_chunks, warps, sms, stream);
-  return launch_tiles<T, MT, 1>(x, qw, meta, y, M, N, K, group_chunks, warps, sms, stream);
+    return launch_tiles<T, MT, 2, 1>(x, qw, meta, y, M, N, K, group_chunks, warps, sms, stream);
+  if (group_chunks % 2 == 0)                    // two chunks per stage share one group's record
+    return launch_tiles<T, MT, 1, 2>(x, qw, meta, y, M, N, K, group_chunks, warps, sms, stream);
+  return launch_tiles<T, MT, 1, 1>(x, qw, meta, y, M, N, K, group_chunks, warps, sms, stream);
 }
 
 template <typename T>
@@ -480,7 +518,8 @@ __global__ void int4_dequant_kernel(const uint4* __restrict__ qweight,
   const uint2 rec = meta[((size_t)(c / group_chunks) * tiles + tile) * 8 + g];
   uint32_t a[4][4];
   float s_row[2];
-  dequant_chunk<T>(word4, rec, a, s_row[0], s_row[1]);
+  group_scales<T>(rec, s_row[0], s_row[1]);
+  dequant_words<T>(word4, rec.x, a);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {            // rows g (registers 0, 2), g + 8 (1, 3)
     const int n = tile * 16 + g + 8 * half;
@@ -525,6 +564,7 @@ __global__ void int4_dequant_kernel(const uint4* __restrict__ qweight,
   }
 }
 
+}  // namespace
 }  // namespace gptq_lab
 
 // w [N, K] (K a multiple of 64, 16-byte aligned) <- the dequantized weight; dtype as below.
