@@ -100,7 +100,7 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t m
 // as MAGIC + 16 * code; their zero points carry the factor 16 (see cuda_pack.py) and their
 // scales the factor 1/16 (Dtype::kHighRowFactor). bf16 (7 mantissa bits) shifts every nibble
 // down instead.
-template <typename T>
+template <typename T, bool kSubtract = true>
 __device__ __forceinline__ void dequant(uint32_t w, uint32_t z, uint32_t (&a)[4]) {
   using T2 = typename Dtype<T>::T2;
   const T2 z2 = as_t2<T2>(z);
@@ -119,7 +119,8 @@ __device__ __forceinline__ void dequant(uint32_t w, uint32_t z, uint32_t (&a)[4]
     raw[3] = and_or(w >> 12, lo, magic);
   }
 #pragma unroll
-  for (int r = 0; r < 4; ++r) a[r] = as_u32(__hsub2(as_t2<T2>(raw[r]), (r & 1) ? z_hi : z_lo));
+  for (int r = 0; r < 4; ++r)
+    a[r] = kSubtract ? as_u32(__hsub2(as_t2<T2>(raw[r]), (r & 1) ? z_hi : z_lo)) : raw[r];
 }
 
 // A group's record -> the scales of rows g and g + 8 (the latter with the fp16 factor 1/16, see
@@ -133,12 +134,12 @@ __device__ __forceinline__ void group_scales(const uint2& rec, float& s_lo, floa
 
 // One chunk of one tile as the lane holds it: its 16-byte weight word (one 32-bit word per
 // k-tile) and the (zero, zero) pair of its group's record -> the four k-tiles' A registers.
-template <typename T>
+template <typename T, bool kSubtract = true>
 __device__ __forceinline__ void dequant_words(const uint4& w, uint32_t z, uint32_t (&a)[4][4]) {
-  dequant<T>(w.x, z, a[0]);
-  dequant<T>(w.y, z, a[1]);
-  dequant<T>(w.z, z, a[2]);
-  dequant<T>(w.w, z, a[3]);
+  dequant<T, kSubtract>(w.x, z, a[0]);
+  dequant<T, kSubtract>(w.y, z, a[1]);
+  dequant<T, kSubtract>(w.z, z, a[2]);
+  dequant<T, kSubtract>(w.w, z, a[3]);
 }
 
 template <int N>
@@ -148,13 +149,16 @@ __device__ __forceinline__ uint32_t word(const uint4& v) {
 
 // cp.async (sm_80+): global -> shared without passing through registers; the copies of one
 // commit group complete together (wait_group N: all but the newest N groups are done).
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem)
+               : "memory");
 }
 __device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem) : "memory");
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_addr(smem)), "l"(gmem)
+               : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -162,6 +166,35 @@ __device__ __forceinline__ void cp_async_commit() {
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// The bulk copy engine (TMA, sm_90): one thread copies `bytes` (a multiple of 16) of global
+// memory into shared memory; the mbarrier's phase completes when they have landed. Used for the
+// batch-1 activations, so that they are read from shared memory instead of L2 in the main loop.
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar) {   // one arrival per phase
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n"
+               "fence.mbarrier_init.release.cluster;\n" ::"r"(smem_addr(bar)) : "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)),
+               "r"(bytes) : "memory");
+  if (bytes > 0)
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                 ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
+#else
+  __trap();                                        // (the launcher uses it on sm_90 only)
+#endif
+}
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t done = 0;
+  while (!done)
+    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                 " selp.u32 %0, 1, 0, p;\n}\n" : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
+#endif
 }
 
 // Programmatic dependent launch (sm_90; no-ops before): the launcher lets the kernel start while
@@ -186,6 +219,10 @@ __device__ __forceinline__ void allow_dependents() {
 #ifndef GPTQ_LAB_STAGES
 #define GPTQ_LAB_STAGES 4
 #endif
+#ifndef GPTQ_LAB_ZERO_MMA   // timing variant: 1 = the zero points are subtracted by a second MMA
+#define GPTQ_LAB_ZERO_MMA 0  // per k-tile (A = -(MAGIC + zero)) instead of in the dequantization
+#endif
+constexpr bool kZeroMma = GPTQ_LAB_ZERO_MMA;
 #ifndef GPTQ_LAB_B1_MINBLOCKS  // blocks of 8 warps per SM the batch <= 8, one-tile kernels are
 #define GPTQ_LAB_B1_MINBLOCKS 4  // compiled for (4: at most 64 registers)
 #endif
@@ -214,8 +251,10 @@ template <int NT, int U> __host__ __device__ constexpr int ring_bytes() {
 // record pointer, which the issuing side advances by counting.
 // Inside a 64-k chunk the k order is permuted so that lane (g, t) reads its B fragments of
 // all four k-tiles as x[m][64c + 16t .. 64c + 16t + 15]: two 16-byte loads per batch row
-// (through L1: every tile of the SM reads the same activations).
-template <typename T, int MT, int NT, int U>
+// (through L1: every tile of the SM reads the same activations). XS (batch 1, sm_90): each warp
+// instead has its K range of x copied into shared memory once, by the bulk copy engine, after
+// its first weight stages are on their way (loads from L2 inside the loop stalled every stage).
+template <typename T, int MT, int NT, int U, bool XS>
 __global__ void __launch_bounds__(kMaxWarps * 32, NT > 1 ? 1 : MT > 1 ? 2 : kB1MinBlocks)
 int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
                    const uint2* __restrict__ meta, T* __restrict__ y, int M, int N, int K,
@@ -230,6 +269,11 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
   const int c_end = min(chunks, (warp + 1) * stages / warps * U);
 
   char* mine = reinterpret_cast<char*>(ring) + warp * ring_bytes<NT, U>();
+  // XS: after all rings, one mbarrier per warp, then x [K] (each warp fills its own range).
+  char* tail = reinterpret_cast<char*>(ring) + warps * ring_bytes<NT, U>();
+  uint64_t* xbar = reinterpret_cast<uint64_t*>(tail) + warp;
+  uint4* xs = reinterpret_cast<uint4*>(tail + 8 * kMaxWarps);
+  if (XS && lane == 0) mbarrier_init(xbar);
   uint4 (*wslot)[U][NT][32] = reinterpret_cast<uint4 (*)[U][NT][32]>(mine);
   uint2 (*mslot)[NT][32] = reinterpret_cast<uint2 (*)[NT][32]>(mine + kStages * U * NT * 32 * 16);
   const size_t wstride = (size_t)tiles * 32, mstride = (size_t)tiles * 8;
@@ -276,6 +320,12 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
   for (int s = 0; s < kStages - 1; ++s) issue(s);  // prologue: the first kStages - 1 stages
   grid_dependency_wait();                           // x and y may belong to the previous kernel
   allow_dependents();
+  if constexpr (XS) {                               // this warp's K range of x (batch row 0)
+    __syncwarp();                                   // (the barrier's initialization)
+    if (lane == 0)
+      bulk_copy(xs + c_begin * 8, x + (size_t)c_begin * 64, (c_end - c_begin) * 128, xbar);
+    mbarrier_wait(xbar, 0);
+  }
   auto step = [&](int s, int cs) {                  // consume stage s (chunks cs ..), refill the
     issue(s == 0 ? kStages - 1 : s - 1);            // stage consumed before it
     uint4 xv[U][MT][2];                             // B fragments of the U chunks
@@ -288,6 +338,11 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
           continue;
         }
         if (u > 0 && cs + u >= c_end) continue;     // (an odd chunk count: nothing to read)
+        if constexpr (XS) {                         // every lane reads row 0 (see xr)
+          xv[u][mt][0] = xs[(cs + u) * 8 + 2 * t];
+          xv[u][mt][1] = xs[(cs + u) * 8 + 2 * t + 1];
+          continue;
+        }
         xv[u][mt][0] = __ldg(xr[mt] + (cs + u) * 8);
         xv[u][mt][1] = __ldg(xr[mt] + (cs + u) * 8 + 1);
       }
@@ -310,13 +365,24 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
       for (int u = 0; u < U; ++u) {
         if (u > 0 && cs + u >= c_end) break;
         uint32_t a[4][4];
-        dequant_words<T>(wslot[s][u][nt][lane], rec.x, a);
+        dequant_words<T, !kZeroMma>(wslot[s][u][nt][lane], rec.x, a);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           mma_16816<T>(part[mt], a[0], word<0>(xv[u][mt][0]), word<1>(xv[u][mt][0]));
           mma_16816<T>(part[mt], a[1], word<2>(xv[u][mt][0]), word<3>(xv[u][mt][0]));
           mma_16816<T>(part[mt], a[2], word<0>(xv[u][mt][1]), word<1>(xv[u][mt][1]));
           mma_16816<T>(part[mt], a[3], word<2>(xv[u][mt][1]), word<3>(xv[u][mt][1]));
+          if constexpr (kZeroMma) {
+            using T2 = typename Dtype<T>::T2;
+            const T2 z2 = as_t2<T2>(rec.x);
+            const uint32_t zl = as_u32(__hneg2(__low2half2_any(z2)));
+            const uint32_t zh = as_u32(__hneg2(__high2half2_any(z2)));
+            const uint32_t negz[4] = {zl, zh, zl, zh};
+            mma_16816<T>(part[mt], negz, word<0>(xv[u][mt][0]), word<1>(xv[u][mt][0]));
+            mma_16816<T>(part[mt], negz, word<2>(xv[u][mt][0]), word<3>(xv[u][mt][0]));
+            mma_16816<T>(part[mt], negz, word<0>(xv[u][mt][1]), word<1>(xv[u][mt][1]));
+            mma_16816<T>(part[mt], negz, word<2>(xv[u][mt][1]), word<3>(xv[u][mt][1]));
+          }
         }
       }
       float s_lo, s_hi;
@@ -371,25 +437,38 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
   }
 }
 
-// Whether kernels are launched as programmatic dependents (sm_90 and later; GPTQ_LAB_PDL=0 in
-// the environment turns it off, for comparisons). Read once per process.
-inline bool dependent_launch_enabled() {
-  static int enabled = -1;
-  if (enabled < 0) {
-    int dev = 0, major = 0;
-    const char* env = getenv("GPTQ_LAB_PDL");
-    enabled = cudaGetDevice(&dev) == cudaSuccess &&
-              cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) ==
-                  cudaSuccess &&
-              major >= 9 && !(env && env[0] == '0');
+// What the launchers need to know about the GPU, read once per process (one GPU model assumed).
+struct Device {
+  int sms = 0, major = 0, smem_optin = 0;           // SMs, compute capability, max smem per block
+  bool pdl = false, xs = false;                     // dependent launch, x staged in shared memory
+};
+// GPTQ_LAB_PDL=0 / GPTQ_LAB_XS=0 in the environment turn those features off, for comparisons.
+inline cudaError_t device_info(const Device** out) {
+  static Device dev;
+  static cudaError_t err = cudaErrorNotReady;
+  if (err == cudaErrorNotReady) {
+    int id = 0;
+    Device d;
+    err = cudaGetDevice(&id);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, id);
+    if (err == cudaSuccess)
+      err = cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, id);
+    if (err == cudaSuccess)
+      err = cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, id);
+    const char* pdl = getenv("GPTQ_LAB_PDL");
+    const char* xs = getenv("GPTQ_LAB_XS");
+    d.pdl = d.major >= 9 && !(pdl && pdl[0] == '0');
+    d.xs = d.major >= 9 && !(xs && xs[0] == '0');
+    dev = d;
   }
-  return enabled == 1;
+  *out = &dev;
+  return err;
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent where enabled.
 template <typename... Params, typename... Args>
-cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-                             cudaStream_t stream, Args... args) {
+cudaError_t launch_dependent(void (*kernel)(Params...), bool pdl, dim3 grid, dim3 block,
+                             size_t smem, cudaStream_t stream, Args... args) {
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
@@ -399,32 +478,59 @@ cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, s
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   config.attrs = attr;
-  config.numAttrs = dependent_launch_enabled() ? 1 : 0;
+  config.numAttrs = pdl ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+}
+
+// Dynamic shared memory of a block of `warps` warps: the rings, and with XS the barriers and x.
+template <int NT, int U, bool XS>
+size_t block_smem(int warps, int K) {
+  return (size_t)warps * ring_bytes<NT, U>() + (XS ? 8 * kMaxWarps + 2 * (size_t)K : 0);
+}
+
+constexpr int kWarpOptions[4] = {8, 4, 2, 1};
+
+// Blocks per SM of a kernel for each of kWarpOptions (0: does not fit), cached per process and,
+// with XS (x's size depends on K), per K.
+template <typename T, int MT, int NT, int U, bool XS>
+cudaError_t blocks_per_sm(int K, const Device& dev, const int** out) {
+  struct Fit { int K = -1; int blocks[4] = {0, 0, 0, 0}; };
+  static Fit fits[8];
+  static int next = 0;
+  static bool ready = false;
+  auto kernel = int4_decode_kernel<T, MT, NT, U, XS>;
+  const int key = XS ? K : 0;
+  for (const Fit& f : fits)
+    if (f.K == key) return *out = f.blocks, cudaSuccess;
+  cudaError_t err = cudaSuccess;                // setup errors are returned, not left sticky
+  if (!ready)
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dev.smem_optin);
+  Fit f;
+  f.K = key;
+  for (int i = 0; i < 4 && err == cudaSuccess; ++i) {
+    const size_t smem = block_smem<NT, U, XS>(kWarpOptions[i], K);
+    if (smem <= (size_t)dev.smem_optin)
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&f.blocks[i], kernel,
+                                                          kWarpOptions[i] * 32, smem);
+  }
+  if (err != cudaSuccess) return err;
+  ready = true;
+  fits[next] = f;
+  *out = fits[next].blocks;
+  next = (next + 1) % 8;
+  return cudaSuccess;
 }
 
 // Warps per block (8, 4, 2 or 1, splitting K; `forced` > 0 overrides, for tuning): the choice
 // with the least time estimated as waves x stages per warp, where a wave is as many blocks as
 // the GPU holds at once; ties go to fewer waves (a second, mostly idle wave costs a whole one).
-template <typename T, int MT, int NT, int U>
+template <typename T, int MT, int NT, int U, bool XS>
 cudaError_t launch_tiles(const T* x, const uint4* qw, const uint2* meta, T* y, int M, int N,
-                         int K, int group_chunks, int forced, int sms, cudaStream_t stream) {
-  static int fits[4] = {-1, -1, -1, -1};        // per process: one GPU model assumed
-  const int warp_options[4] = {8, 4, 2, 1};
-  constexpr int kRing = ring_bytes<NT, U>();
-  auto kernel = int4_decode_kernel<T, MT, NT, U>;
-  if (fits[0] < 0) {                            // setup errors are returned, not left sticky
-    cudaError_t err = cudaSuccess;
-    if (kMaxWarps * kRing > 48 * 1024)
-      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 kMaxWarps * kRing);
-    int found[4] = {0, 0, 0, 0};
-    for (int i = 0; i < 4 && err == cudaSuccess; ++i)
-      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&found[i], kernel, warp_options[i] * 32,
-                                                          warp_options[i] * kRing);
-    if (err != cudaSuccess) return err;
-    for (int i = 0; i < 4; ++i) fits[i] = found[i];
-  }
+                         int K, int group_chunks, int forced, const Device& dev,
+                         cudaStream_t stream) {
+  const int* fit = nullptr;
+  const cudaError_t err = blocks_per_sm<T, MT, NT, U, XS>(K, dev, &fit);
+  if (err != cudaSuccess) return err;
   const int groups = (N + 16 * NT - 1) / (16 * NT);
   const int slabs = (M + 8 * MT - 1) / (8 * MT);
   const long long blocks = (long long)groups * slabs;
@@ -432,15 +538,16 @@ cudaError_t launch_tiles(const T* x, const uint4* qw, const uint2* meta, T* y, i
   int warps = 1;
   double best = 1e30;
   for (int i = 0; i < 4; ++i) {
-    const int w = warp_options[i];
-    if (w > stages || fits[i] <= 0) continue;
-    const long long waves = (blocks + (long long)fits[i] * sms - 1) / ((long long)fits[i] * sms);
+    const int w = kWarpOptions[i], per_sm = fit[i];
+    if (w > stages || per_sm <= 0) continue;
+    const long long waves = (blocks + (long long)per_sm * dev.sms - 1) / ((long long)per_sm * dev.sms);
     const double cost = (double)waves * ((stages + w - 1) / w) + 1e-3 * waves;
     if (cost < best) best = cost, warps = w;
   }
   if (forced > 0) warps = forced < kMaxWarps ? forced : kMaxWarps;
-  return launch_dependent(kernel, dim3(slabs, groups), dim3(warps * 32), warps * kRing, stream,
-                          x, qw, meta, y, M, N, K, group_chunks);
+  return launch_dependent(int4_decode_kernel<T, MT, NT, U, XS>, dev.pdl, dim3(slabs, groups), dim3(warps * 32),
+                          block_smem<NT, U, XS>(warps, K), stream, x, qw, meta, y, M, N, K,
+                          group_chunks);
 }
 
 // Tiles per block: 1 at batch 1 (the activations are one row: most blocks is best); from batch
@@ -458,23 +565,28 @@ inline int tiles_per_block(int M, int N, int MT, int sms, int forced) {
 template <typename T, int MT>
 cudaError_t launch_mt(const T* x, const uint4* qw, const uint2* meta, T* y, int M, int N, int K,
                       int group_chunks, int warps, int nt_forced, cudaStream_t stream) {
-  static int sms = 0;                           // per process: one GPU model assumed
-  if (sms == 0) {
-    int dev = 0, count = 0;
-    cudaError_t err = cudaGetDevice(&dev);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev);
-    if (err != cudaSuccess) return err;
-    sms = count;
-  }
-  const int nt = tiles_per_block(M, N, MT, sms, nt_forced);
+  const Device* dev = nullptr;
+  const cudaError_t err = device_info(&dev);
+  if (err != cudaSuccess) return err;
+  const int nt = tiles_per_block(M, N, MT, dev->sms, nt_forced);
   if constexpr (MT == 2)                        // (MT 1, NT 4 spills: one slab of 8 rows needs
     if (nt == 4)                                // less sharing anyway)
-      return launch_tiles<T, MT, 4, 1>(x, qw, meta, y, M, N, K, group_chunks, warps, sms, stream);
+      return launch_tiles<T, MT, 4, 1, false>(x, qw, meta, y, M, N, K, group_chunks, warps, *dev, stream);
   if (nt >= 2)
-    return launch_tiles<T, MT, 2, 1>(x, qw, meta, y, M, N, K, group_chunks, warps, sms, stream);
-  if (group_chunks % 2 == 0)                    // two chunks per stage share one group's record
-    return launch_tiles<T, MT, 1, 2>(x, qw, meta, y, M, N, K, group_chunks, warps, sms, stream);
-  return launch_tiles<T, MT, 1, 1>(x, qw, meta, y, M, N, K, group_chunks, warps, sms, stream);
+    return launch_tiles<T, MT, 2, 1, false>(x, qw, meta, y, M, N, K, group_chunks, warps, *dev, stream);
+  if (group_chunks % 2 == 0) {                  // two chunks per stage share one group's record
+    if constexpr (MT == 1)                      // batch 1: x from shared memory where that costs
+      if (M == 1 && dev->xs) {                  // no occupancy (at 8 warps: K up to ~7k on H100)
+        const int *with = nullptr, *without = nullptr;
+        cudaError_t e = blocks_per_sm<T, 1, 1, 2, true>(K, *dev, &with);
+        if (e == cudaSuccess) e = blocks_per_sm<T, 1, 1, 2, false>(K, *dev, &without);
+        if (e != cudaSuccess) return e;
+        if (with[0] > 0 && with[0] >= without[0])
+          return launch_tiles<T, 1, 1, 2, true>(x, qw, meta, y, M, N, K, group_chunks, warps, *dev, stream);
+      }
+    return launch_tiles<T, MT, 1, 2, false>(x, qw, meta, y, M, N, K, group_chunks, warps, *dev, stream);
+  }
+  return launch_tiles<T, MT, 1, 1, false>(x, qw, meta, y, M, N, K, group_chunks, warps, *dev, stream);
 }
 
 template <typename T>
