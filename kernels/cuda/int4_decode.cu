@@ -100,7 +100,7 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t m
 // as MAGIC + 16 * code; their zero points carry the factor 16 (see cuda_pack.py) and their
 // scales the factor 1/16 (Dtype::kHighRowFactor). bf16 (7 mantissa bits) shifts every nibble
 // down instead.
-template <typename T, bool kSubtract = true>
+template <typename T>
 __device__ __forceinline__ void dequant(uint32_t w, uint32_t z, uint32_t (&a)[4]) {
   using T2 = typename Dtype<T>::T2;
   const T2 z2 = as_t2<T2>(z);
@@ -119,8 +119,7 @@ __device__ __forceinline__ void dequant(uint32_t w, uint32_t z, uint32_t (&a)[4]
     raw[3] = and_or(w >> 12, lo, magic);
   }
 #pragma unroll
-  for (int r = 0; r < 4; ++r)
-    a[r] = kSubtract ? as_u32(__hsub2(as_t2<T2>(raw[r]), (r & 1) ? z_hi : z_lo)) : raw[r];
+  for (int r = 0; r < 4; ++r) a[r] = as_u32(__hsub2(as_t2<T2>(raw[r]), (r & 1) ? z_hi : z_lo));
 }
 
 // A group's record -> the scales of rows g and g + 8 (the latter with the fp16 factor 1/16, see
@@ -134,12 +133,12 @@ __device__ __forceinline__ void group_scales(const uint2& rec, float& s_lo, floa
 
 // One chunk of one tile as the lane holds it: its 16-byte weight word (one 32-bit word per
 // k-tile) and the (zero, zero) pair of its group's record -> the four k-tiles' A registers.
-template <typename T, bool kSubtract = true>
+template <typename T>
 __device__ __forceinline__ void dequant_words(const uint4& w, uint32_t z, uint32_t (&a)[4][4]) {
-  dequant<T, kSubtract>(w.x, z, a[0]);
-  dequant<T, kSubtract>(w.y, z, a[1]);
-  dequant<T, kSubtract>(w.z, z, a[2]);
-  dequant<T, kSubtract>(w.w, z, a[3]);
+  dequant<T>(w.x, z, a[0]);
+  dequant<T>(w.y, z, a[1]);
+  dequant<T>(w.z, z, a[2]);
+  dequant<T>(w.w, z, a[3]);
 }
 
 template <int N>
@@ -219,10 +218,6 @@ __device__ __forceinline__ void allow_dependents() {
 #ifndef GPTQ_LAB_STAGES
 #define GPTQ_LAB_STAGES 4
 #endif
-#ifndef GPTQ_LAB_ZERO_MMA   // timing variant: 1 = the zero points are subtracted by a second MMA
-#define GPTQ_LAB_ZERO_MMA 0  // per k-tile (A = -(MAGIC + zero)) instead of in the dequantization
-#endif
-constexpr bool kZeroMma = GPTQ_LAB_ZERO_MMA;
 #ifndef GPTQ_LAB_B1_MINBLOCKS  // blocks of 8 warps per SM the batch <= 8, one-tile kernels are
 #define GPTQ_LAB_B1_MINBLOCKS 4  // compiled for (4: at most 64 registers)
 #endif
@@ -365,24 +360,13 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
       for (int u = 0; u < U; ++u) {
         if (u > 0 && cs + u >= c_end) break;
         uint32_t a[4][4];
-        dequant_words<T, !kZeroMma>(wslot[s][u][nt][lane], rec.x, a);
+        dequant_words<T>(wslot[s][u][nt][lane], rec.x, a);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           mma_16816<T>(part[mt], a[0], word<0>(xv[u][mt][0]), word<1>(xv[u][mt][0]));
           mma_16816<T>(part[mt], a[1], word<2>(xv[u][mt][0]), word<3>(xv[u][mt][0]));
           mma_16816<T>(part[mt], a[2], word<0>(xv[u][mt][1]), word<1>(xv[u][mt][1]));
           mma_16816<T>(part[mt], a[3], word<2>(xv[u][mt][1]), word<3>(xv[u][mt][1]));
-          if constexpr (kZeroMma) {
-            using T2 = typename Dtype<T>::T2;
-            const T2 z2 = as_t2<T2>(rec.x);
-            const uint32_t zl = as_u32(__hneg2(__low2half2_any(z2)));
-            const uint32_t zh = as_u32(__hneg2(__high2half2_any(z2)));
-            const uint32_t negz[4] = {zl, zh, zl, zh};
-            mma_16816<T>(part[mt], negz, word<0>(xv[u][mt][0]), word<1>(xv[u][mt][0]));
-            mma_16816<T>(part[mt], negz, word<2>(xv[u][mt][0]), word<3>(xv[u][mt][0]));
-            mma_16816<T>(part[mt], negz, word<0>(xv[u][mt][1]), word<1>(xv[u][mt][1]));
-            mma_16816<T>(part[mt], negz, word<2>(xv[u][mt][1]), word<3>(xv[u][mt][1]));
-          }
         }
       }
       float s_lo, s_hi;
