@@ -1,7 +1,7 @@
 """Prefill-sized int4 matmuls of the CUDA layout against fp16, on one CUDA GPU (issue #8).
 
     python benchmarks/prefill_matmul.py                       # 7B layer shapes, M = 2048
-    python benchmarks/prefill_matmul.py --variants GPTQ_LAB_DEQUANT_STORE=1,GPTQ_LAB_DEQUANT_STORE=2
+    python benchmarks/prefill_matmul.py --variants GPTQ_LAB_DEQUANT_STORE=0
 
 A prepared ``cuda_decode`` layer runs calls of more than ``cuda_ops.MAX_SLAB_M`` rows as
 dequantize + cuBLAS (``cuda_ops.dequant_mm``). This times, per shape (K x N, fused q/k/v and

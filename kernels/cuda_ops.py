@@ -44,7 +44,7 @@ def _build(arch_flags: tuple[str, ...] = tuple(ARCH_FLAGS), defines: tuple[str, 
     if CUDA_HOME is None and shutil.which("nvcc") is None:
         raise RuntimeError("no CUDA compiler (nvcc) found; set CUDA_HOME to build the CUDA kernel")
     suffix = "".join("_" + d.replace("GPTQ_LAB_", "").replace("=", "").lower() for d in defines)
-    return load(name="gptq_lab_int4_decode_v7" + suffix, sources=[str(s) for s in SOURCES],
+    return load(name="gptq_lab_int4_decode_v8" + suffix, sources=[str(s) for s in SOURCES],
                 extra_cuda_cflags=["-O3", *arch_flags, *(f"-D{d}" for d in defines)],
                 extra_cflags=["-O3"], verbose=bool(os.environ.get("GPTQ_LAB_VERBOSE_BUILD")))
 

@@ -589,11 +589,10 @@ cudaError_t launch(const void* x, const void* qweight, const void* meta, void* y
 // A fragments exactly as the matmul does, applies the scales (value = scale * (code - zero),
 // rounded once) and writes its two rows' 16 contiguous k: rows g and g + 8, k = 64c + 16t + i,
 // where the k-permutation inside the chunk makes those 16 values contiguous (see the layout).
-#ifndef GPTQ_LAB_DEQUANT_STORE  // how the dequantization writes (variants for timing, same values):
-#define GPTQ_LAB_DEQUANT_STORE 0  // 0: each lane stores its 2 x 16 bytes of each of its two rows;
-#endif                            // 1: the warp stages its 16 rows x 128 bytes in shared memory,
-                                  // then stores whole 128-byte rows (full sectors per store);
-                                  // 2: as 0 with streaming (evict-first) stores
+#ifndef GPTQ_LAB_DEQUANT_STORE  // how the dequantization writes (same values): 1 (H100: 2.1-2.7
+#define GPTQ_LAB_DEQUANT_STORE 1  // TB/s): the warp stages its 16 rows x 128 bytes in shared
+#endif                            // memory, then stores whole 128-byte rows; 0 (timing variant,
+                                  // 1.7-2.2 TB/s): each lane stores its 2 x 16 bytes per row
 constexpr int kDequantBlock = 256;                // threads per block (the launcher's)
 
 template <typename T>
@@ -640,13 +639,8 @@ __global__ void int4_dequant_kernel(const uint4* __restrict__ qweight,
       continue;
     }
     uint4* dst = reinterpret_cast<uint4*>(w + (size_t)n * K + (size_t)c * 64 + 16 * t);
-    if constexpr (GPTQ_LAB_DEQUANT_STORE == 2) {
-      __stcs(dst, lo);
-      __stcs(dst + 1, hi);
-    } else {
-      dst[0] = lo;
-      dst[1] = hi;
-    }
+    dst[0] = lo;
+    dst[1] = hi;
   }
   if constexpr (GPTQ_LAB_DEQUANT_STORE == 1) {       // lane l: 16 bytes (l % 8) of rows 4i + l / 8
     __syncwarp();
