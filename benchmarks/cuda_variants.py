@@ -3,9 +3,13 @@
     python benchmarks/cuda_variants.py --build 4,8,16          # compile the variants (parallel)
     python benchmarks/cuda_variants.py --stages 4,8,16 --batches 1,16
     python benchmarks/cuda_variants.py --stages 4 --warps 0 --nt 0,1,2,4 --batches 1,8,16,64
-    ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
-        --section WarpStateStats --section Occupancy -k regex:int4_decode_kernel \
+    python benchmarks/cuda_variants.py --stages 4,4/1,4/3,4+GPTQ_LAB_B1_MINBLOCKS=3 --warps 0 --batches 1
+    ncu --clock-control none --set full --import-source yes -k regex:int4_decode_kernel -o rep \
         python benchmarks/cuda_variants.py --once --warps 0 --batches 1   # one call per shape
+    ncu -i rep.ncu-rep --page source --csv --print-source sass   # stall samples per instruction
+
+A variant is a ring depth, then "/A" for ablation A and "+NAME=VALUE" for any other define of
+kernels/cuda/int4_decode.cu.
 
 Each variant is checked against the float64 product of the dequantized weight before it is
 timed; times are GPU time of CUDA-graph replays, ``--timing`` as in benchmarks/kernels.py
@@ -30,14 +34,20 @@ ARCH_90 = ("-gencode=arch=compute_90,code=sm_90",)
 SHAPES = ["4096x4096", "4096x11008", "11008x4096", "8192x8192", "8192x28672", "28672x8192"]
 
 
-def build(variant: str):
+def defines(variant: str) -> tuple[str, ...]:
     """variant "S" (ring depth S) or "S/A" (depth S, ablation A: see int4_decode.cu), then any
-    "+NAME=VALUE" defines, e.g. "4+GPTQ_LAB_XAHEAD=1"."""
-    from gptq_lab.kernels import cuda_ops
+    "+NAME=VALUE" defines, e.g. "4/3+GPTQ_LAB_B1_MINBLOCKS=3" -> the compiler's -D list."""
     base, *extra = variant.split("+")
     stages, _, ablate = base.partition("/")
-    defines = (f"GPTQ_LAB_STAGES={stages}",) + ((f"GPTQ_LAB_ABLATE={ablate}",) if ablate else ())
-    return cuda_ops._build(ARCH_90, defines + tuple(extra))
+    if not stages.isdigit() or (ablate and not ablate.isdigit()) or not all("=" in e for e in extra):
+        raise ValueError(f"variant {variant!r}: expected S, S/A, then +NAME=VALUE defines")
+    return ((f"GPTQ_LAB_STAGES={stages}",) + ((f"GPTQ_LAB_ABLATE={ablate}",) if ablate else ())
+            + tuple(extra))
+
+
+def build(variant: str):
+    from gptq_lab.kernels import cuda_ops
+    return cuda_ops._build(ARCH_90, defines(variant))
 
 
 def main() -> None:

@@ -88,6 +88,18 @@ def test_dequant_store_variants_compile(tmp_path, store):
     assert len(spills) == 18 and max(spills) == 0
 
 
+def test_variant_names_become_compiler_defines(monkeypatch, tmp_path):
+    """benchmarks/cuda_variants.py: "S", "S/A", then "+NAME=VALUE" defines; anything else is refused."""
+    from test_decode import load_benchmark
+    variants = load_benchmark("cuda_variants", monkeypatch, tmp_path)
+    assert variants.defines("4") == ("GPTQ_LAB_STAGES=4",)
+    assert variants.defines("6/3+GPTQ_LAB_B1_MINBLOCKS=3") == (
+        "GPTQ_LAB_STAGES=6", "GPTQ_LAB_ABLATE=3", "GPTQ_LAB_B1_MINBLOCKS=3")
+    for bad in ("", "x", "4/a", "4+GPTQ_LAB_XS"):
+        with pytest.raises(ValueError, match="expected S, S/A"):
+            variants.defines(bad)
+
+
 # ------------------------------------------------------------------ GPU
 
 @cuda

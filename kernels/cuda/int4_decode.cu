@@ -218,8 +218,8 @@ __device__ __forceinline__ void allow_dependents() {
 #ifndef GPTQ_LAB_STAGES
 #define GPTQ_LAB_STAGES 4
 #endif
-#ifndef GPTQ_LAB_B1_MINBLOCKS  // blocks of 8 warps per SM the batch <= 8, one-tile kernels are
-#define GPTQ_LAB_B1_MINBLOCKS 4  // compiled for (4: at most 64 registers)
+#ifndef GPTQ_LAB_B1_MINBLOCKS  // the one-tile kernels for batch <= 8 are compiled to fit this
+#define GPTQ_LAB_B1_MINBLOCKS 4  // many blocks of 8 warps per SM (4: at most 64 registers)
 #endif
 constexpr int kB1MinBlocks = GPTQ_LAB_B1_MINBLOCKS;
 constexpr int kMaxWarps = 8;                // warps per block (they split K)
@@ -240,8 +240,8 @@ template <int NT, int U> __host__ __device__ constexpr int ring_bytes() {
 // kStages stages, kStages - 1 in flight while the oldest is dequantized and multiplied; each
 // stage travels with its group's (zero, scale) record. Each lane copies and later reads only its
 // own words, so the ring needs no barrier (the stage refilled is the one consumed in the
-// previous step, whose values are already used). The main loop is unrolled over the ring, so
-// every shared-memory address is a constant offset. Each stage's MMAs start from zero and its
+// previous step, whose values are already used). At one tile per block the main loop is
+// unrolled over the ring, so every shared-memory address is a constant offset. Each stage's MMAs start from zero and its
 // group's scales are applied right after them, so no group bookkeeping is needed besides the
 // record pointer, which the issuing side advances by counting.
 // Inside a 64-k chunk the k order is permuted so that lane (g, t) reads its B fragments of
