@@ -9,14 +9,14 @@
     ncu -i rep.ncu-rep --page source --csv --print-source sass   # stall samples per instruction
 
 A variant is a ring depth, then "/A" for ablation A and "+NAME=VALUE" for any other define of
-kernels/cuda/int4_decode.cu.
+kernels/cuda/int4_decode_kernel.cuh and int4_dequant.cu.
 
 Each variant is checked against the float64 product of the dequantized weight before it is
 timed; times are GPU time of CUDA-graph replays, ``--timing`` as in benchmarks/kernels.py
 (rotate: back to back over weight copies > 3 x L2; flush: one call after an L2 flush), fp16
 ``torch.matmul`` on the same call as the baseline. The table goes to stdout and, with
 $OUT set, JSON to $OUT/cuda_variants.json. Production uses the default depth in
-kernels/cuda/int4_decode.cu and the launcher's choice of warps and tiles per block (0).
+kernels/cuda/int4_decode_kernel.cuh and the launcher's choice of warps and tiles per block (0).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ SHAPES = ["4096x4096", "4096x11008", "11008x4096", "8192x8192", "8192x28672", "2
 
 
 def defines(variant: str) -> tuple[str, ...]:
-    """variant "S" (ring depth S) or "S/A" (depth S, ablation A: see int4_decode.cu), then any
+    """variant "S" (ring depth S) or "S/A" (depth S, ablation A: see int4_decode_kernel.cuh), then any
     "+NAME=VALUE" defines, e.g. "4/3+GPTQ_LAB_B1_MINBLOCKS=3" -> the compiler's -D list."""
     base, *extra = variant.split("+")
     stages, _, ablate = base.partition("/")

@@ -9,7 +9,7 @@ gate/up as the fused 7B model runs them):
 
 - fp16 ``torch.matmul`` (x @ W^T, as nn.Linear);
 - the dequantization kernel alone, in GB/s counting bytes read and written (``--variants``:
-  also compile-time variants of it, see int4_decode.cu, each checked equal to the default);
+  also compile-time variants of it, see int4_dequant.cu, each checked equal to the default);
 - dequant + matmul as the layer runs it (``cuda_ops.dequant_mm``), checked against the float64
   product first.
 

@@ -14,6 +14,7 @@ can fall back to Triton with that reason. Importing this module builds nothing.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
 import warnings
@@ -26,7 +27,8 @@ from .cuda_pack import PreparedCUDA, kernel_input, prepare
 from .cuda_pack import supports as layer_supports
 from .ops import cached_layout, matmul_dequantized
 
-SOURCES = [Path(__file__).parent / "cuda" / n for n in ("binding.cpp", "int4_decode.cu")]
+CUDA_DIR = Path(__file__).parent / "cuda"
+SOURCES = [CUDA_DIR / n for n in ("binding.cpp", "int4_decode.cu", "int4_dequant.cu")]
 ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
 MIN_M, MAX_M = 1, 16    # where it beats Triton (H200, 2026-11-27: batch 1 too, since v3)
 MAX_SLAB_M = 128       # prepared layers without a Triton layout: the kernel up to here,
@@ -39,12 +41,14 @@ MAX_SLAB_M = 128       # prepared layers without a Triton layout: the kernel up 
 def _build(arch_flags: tuple[str, ...] = tuple(ARCH_FLAGS), defines: tuple[str, ...] = ()):
     """Compile (or load the cached build of) the extension; raises RuntimeError on failure.
     ``arch_flags`` and ``defines`` (e.g. ``("GPTQ_LAB_STAGES=8",)``: compile-time variants, see
-    int4_decode.cu) other than the defaults are for benchmarks/cuda_variants.py."""
+    kernels/cuda/*.cuh) other than the defaults are for benchmarks/cuda_variants.py."""
     from torch.utils.cpp_extension import CUDA_HOME, load
     if CUDA_HOME is None and shutil.which("nvcc") is None:
         raise RuntimeError("no CUDA compiler (nvcc) found; set CUDA_HOME to build the CUDA kernel")
     suffix = "".join("_" + d.replace("GPTQ_LAB_", "").replace("=", "").lower() for d in defines)
-    return load(name="gptq_lab_int4_decode_v8" + suffix, sources=[str(s) for s in SOURCES],
+    # torch rebuilds when a listed source changes, not a header: the name carries a hash of all
+    sources = hashlib.sha1(b"".join(f.read_bytes() for f in sorted(CUDA_DIR.iterdir()) if f.is_file()))
+    return load(name=f"gptq_lab_int4_{sources.hexdigest()[:10]}{suffix}", sources=[str(s) for s in SOURCES],
                 extra_cuda_cflags=["-O3", *arch_flags, *(f"-D{d}" for d in defines)],
                 extra_cflags=["-O3"], verbose=bool(os.environ.get("GPTQ_LAB_VERBOSE_BUILD")))
 

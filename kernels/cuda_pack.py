@@ -3,7 +3,7 @@
     p = prepare(qweight, scales, qzeros, g_idx, bits=4, dtype=torch.float16)   # PreparedCUDA
     w = dequantize_prepared(p)          # [K', N] float32 in kernel order, for tests
 
-The layout is described in ``kernels/cuda/int4_decode.cu``: per chunk of 64 input rows and tile
+The layout is described in ``kernels/cuda/int4_common.cuh``: per chunk of 64 input rows and tile
 of 16 output features (chunk-major, so that blocks working side by side read neighbouring
 memory), each of the 32 lanes of a warp reads one 16-byte word holding the codes of its four
 m16n8k16 A fragments, with the k order inside each chunk permuted so that each lane's

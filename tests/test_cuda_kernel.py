@@ -19,7 +19,19 @@ from gptq_lab.kernels.cuda_pack import dequantize_prepared, kernel_input, prepar
 from gptq_lab.kernels.reference import dequantize_gptq
 from test_triton import TOL, cuda, make_layer, rel_err
 
-CU = Path(cuda_ops.__file__).parent / "cuda" / "int4_decode.cu"
+CUDA_SOURCES = [s for s in cuda_ops.SOURCES if s.suffix == ".cu"]
+
+
+def nvcc(tmp_path, *flags: str) -> str:
+    """Compile each .cu source with ``flags``; the compiler's output (ptxas -v included)."""
+    log = ""
+    for src in CUDA_SOURCES:
+        cmd = ["nvcc", "-c", "-O3", "-std=c++17", *flags, "-Xptxas", "-v", str(src),
+               "-o", str(tmp_path / (src.stem + ".o"))]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+        assert run.returncode == 0, run.stderr[-3000:]
+        log += run.stdout + run.stderr
+    return log
 
 
 # ------------------------------------------------------------------ CPU: repacking
@@ -65,11 +77,7 @@ def test_unsupported_layers_are_refused_with_the_reason():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
 def test_sources_compile_for_sm80_and_sm90_without_spills(tmp_path):
-    cmd = ["nvcc", "-c", "-O3", "-std=c++17", *cuda_ops.ARCH_FLAGS, "-Xptxas", "-v", str(CU),
-           "-o", str(tmp_path / "int4_decode.o")]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
-    log = run.stdout + run.stderr
+    log = nvcc(tmp_path, *cuda_ops.ARCH_FLAGS)
     for arch in ("sm_80", "sm_90"):
         assert f"for '{arch}'" in log
     spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", log)]
@@ -80,11 +88,8 @@ def test_sources_compile_for_sm80_and_sm90_without_spills(tmp_path):
 @pytest.mark.parametrize("store", [0])
 def test_dequant_store_variants_compile(tmp_path, store):
     """The timing variants of the dequantization's stores (benchmarks/prefill_matmul.py)."""
-    cmd = ["nvcc", "-c", "-O3", "-std=c++17", "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v",
-           f"-DGPTQ_LAB_DEQUANT_STORE={store}", str(CU), "-o", str(tmp_path / "variant.o")]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
-    spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", run.stdout + run.stderr)]
+    log = nvcc(tmp_path, "-gencode=arch=compute_90,code=sm_90", f"-DGPTQ_LAB_DEQUANT_STORE={store}")
+    spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", log)]
     assert len(spills) == 18 and max(spills) == 0
 
 

@@ -1,4 +1,5 @@
-// Torch binding of int4_decode.cu: checks the tensors, allocates outputs, launches on torch's stream.
+// Torch binding of the int4 CUDA kernels (int4_decode.cu, int4_dequant.cu): checks the tensors,
+// allocates outputs, launches on torch's stream.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
