@@ -20,7 +20,8 @@ inline cudaError_t device_info(const Device** out) {
     int id = 0;
     Device d;
     err = cudaGetDevice(&id);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, id);
+    if (err == cudaSuccess)
+      err = cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, id);
     if (err == cudaSuccess)
       err = cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, id);
     if (err == cudaSuccess)
@@ -110,14 +111,14 @@ cudaError_t launch_tiles(const T* x, const uint4* qw, const uint2* meta, T* y, i
   for (int i = 0; i < 4; ++i) {
     const int w = kWarpOptions[i], per_sm = fit[i];
     if (w > stages || per_sm <= 0) continue;
-    const long long waves = (blocks + (long long)per_sm * dev.sms - 1) / ((long long)per_sm * dev.sms);
+    const long long slots = (long long)per_sm * dev.sms, waves = (blocks + slots - 1) / slots;
     const double cost = (double)waves * ((stages + w - 1) / w) + 1e-3 * waves;
     if (cost < best) best = cost, warps = w;
   }
   if (forced > 0) warps = forced < kMaxWarps ? forced : kMaxWarps;
-  return launch_dependent(int4_decode_kernel<T, MT, NT, U, XS>, dev.pdl, dim3(slabs, groups), dim3(warps * 32),
-                          block_smem<NT, U, XS>(warps, K), stream, x, qw, meta, y, M, N, K,
-                          group_chunks);
+  return launch_dependent(int4_decode_kernel<T, MT, NT, U, XS>, dev.pdl, dim3(slabs, groups),
+                          dim3(warps * 32), block_smem<NT, U, XS>(warps, K), stream, x, qw, meta,
+                          y, M, N, K, group_chunks);
 }
 
 // Tiles per block: 1 at batch 1 (the activations are one row: most blocks is best); from batch
@@ -141,9 +142,11 @@ cudaError_t launch_mt(const T* x, const uint4* qw, const uint2* meta, T* y, int 
   const int nt = tiles_per_block(M, N, MT, dev->sms, nt_forced);
   if constexpr (MT == 2)                        // (MT 1, NT 4 spills: one slab of 8 rows needs
     if (nt == 4)                                // less sharing anyway)
-      return launch_tiles<T, MT, 4, 1, false>(x, qw, meta, y, M, N, K, group_chunks, warps, *dev, stream);
+      return launch_tiles<T, MT, 4, 1, false>(x, qw, meta, y, M, N, K, group_chunks, warps,
+                                              *dev, stream);
   if (nt >= 2)
-    return launch_tiles<T, MT, 2, 1, false>(x, qw, meta, y, M, N, K, group_chunks, warps, *dev, stream);
+    return launch_tiles<T, MT, 2, 1, false>(x, qw, meta, y, M, N, K, group_chunks, warps,
+                                            *dev, stream);
   if (group_chunks % 2 == 0) {                  // two chunks per stage share one group's record
     if constexpr (MT == 1)                      // batch 1: x from shared memory where that costs
       if (M == 1 && dev->xs) {                  // no occupancy (at 8 warps: K up to ~7k on H100)
@@ -152,11 +155,14 @@ cudaError_t launch_mt(const T* x, const uint4* qw, const uint2* meta, T* y, int 
         if (e == cudaSuccess) e = blocks_per_sm<T, 1, 1, 2, false>(K, *dev, &without);
         if (e != cudaSuccess) return e;
         if (with[0] > 0 && with[0] >= without[0])
-          return launch_tiles<T, 1, 1, 2, true>(x, qw, meta, y, M, N, K, group_chunks, warps, *dev, stream);
+          return launch_tiles<T, 1, 1, 2, true>(x, qw, meta, y, M, N, K, group_chunks, warps,
+                                                *dev, stream);
       }
-    return launch_tiles<T, MT, 1, 2, false>(x, qw, meta, y, M, N, K, group_chunks, warps, *dev, stream);
+    return launch_tiles<T, MT, 1, 2, false>(x, qw, meta, y, M, N, K, group_chunks, warps,
+                                            *dev, stream);
   }
-  return launch_tiles<T, MT, 1, 1, false>(x, qw, meta, y, M, N, K, group_chunks, warps, *dev, stream);
+  return launch_tiles<T, MT, 1, 1, false>(x, qw, meta, y, M, N, K, group_chunks, warps,
+                                          *dev, stream);
 }
 
 template <typename T>

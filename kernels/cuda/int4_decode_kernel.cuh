@@ -46,12 +46,14 @@ __device__ __forceinline__ void mbarrier_init(uint64_t* bar) {   // one arrival 
                "fence.mbarrier_init.release.cluster;\n" ::"r"(smem_addr(bar)) : "memory");
 #endif
 }
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes,
+                                          uint64_t* bar) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)),
                "r"(bytes) : "memory");
   if (bytes > 0)
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1], %2, [%3];\n"
                  ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
 #else
   __trap();                                        // (the launcher uses it on sm_90 only)
@@ -62,7 +64,8 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
   uint32_t done = 0;
   while (!done)
     asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-                 " selp.u32 %0, 1, 0, p;\n}\n" : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
+                 " selp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
 #endif
 }
 
@@ -128,7 +131,8 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int tiles = (N + 15) / 16, tile0 = blockIdx.y * NT;   // slabs of one tile group run
-  const int m_base = blockIdx.x * 8 * MT;           // side by side: all but the first read W from L2
+  const int m_base = blockIdx.x * 8 * MT;           // side by side: all but the first read W
+                                                    // from L2
   const int chunks = K / 64, stages = (chunks + U - 1) / U;
   const int c_begin = warp * stages / warps * U;    // whole stages: a stage shares one group
   const int c_end = min(chunks, (warp + 1) * stages / warps * U);
