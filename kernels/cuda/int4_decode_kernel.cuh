@@ -130,9 +130,8 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
   extern __shared__ uint4 ring[];                   // per warp: its ring; later the reduction
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int tiles = (N + 15) / 16, tile0 = blockIdx.y * NT;   // slabs of one tile group run
-  const int m_base = blockIdx.x * 8 * MT;           // side by side: all but the first read W
-                                                    // from L2
+  // Slabs of one tile group run side by side: all but the first read W from L2.
+  const int tiles = (N + 15) / 16, tile0 = blockIdx.y * NT, m_base = blockIdx.x * 8 * MT;
   const int chunks = K / 64, stages = (chunks + U - 1) / U;
   const int c_begin = warp * stages / warps * U;    // whole stages: a stage shares one group
   const int c_end = min(chunks, (warp + 1) * stages / warps * U);
@@ -170,12 +169,10 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
   // Lane (g, t) reads batch row m_base + 8 mt + g; rows past M read row M - 1 instead (their
   // MMA columns are never stored), so the loads need no zero fill.
   const uint4* xr[MT];
-  bool row_ok[MT];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     const int m = m_base + mt * 8 + g;
-    row_ok[mt] = m < M;
-    xr[mt] = reinterpret_cast<const uint4*>(x + (size_t)(row_ok[mt] ? m : M - 1) * K + 16 * t);
+    xr[mt] = reinterpret_cast<const uint4*>(x + (size_t)(m < M ? m : M - 1) * K + 16 * t);
   }
   float acc[MT][NT][4];
 #pragma unroll

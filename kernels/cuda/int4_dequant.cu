@@ -28,7 +28,7 @@ __global__ void int4_dequant_kernel(const uint4* __restrict__ qweight,
   if (unit >= (long long)chunks * tiles) return;    // of the same 16 rows of W
   const int lane = id & 31, g = lane >> 2, t = lane & 3;
   const int tile = unit / chunks, c = unit % chunks;
-  // variant 1: per warp 16 rows of 8 16-byte words, padded to 9 (conflict-free both ways)
+  // staged stores: per warp 16 rows of 8 16-byte words, padded to 9 (conflict-free both ways)
   __shared__ uint4 stage[GPTQ_LAB_DEQUANT_STORE == 1 ? kDequantBlock / 32 : 1][16][9];
   const uint4 word4 = qweight[((size_t)c * tiles + tile) * 32 + lane];
   const uint2 rec = meta[((size_t)(c / group_chunks) * tiles + tile) * 8 + g];
