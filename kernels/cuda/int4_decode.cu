@@ -53,10 +53,10 @@ cudaError_t launch_dependent(void (*kernel)(Params...), bool pdl, dim3 grid, dim
   return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
 }
 
-// Dynamic shared memory of a block of `warps` warps: the rings, and with XS the barriers and x.
+// Dynamic shared memory of a block of `warps` warps: the rings, and with XS x (batch row 0).
 template <int NT, int U, bool XS>
 size_t block_smem(int warps, int K) {
-  return (size_t)warps * ring_bytes<NT, U>() + (XS ? 8 * kMaxWarps + 2 * (size_t)K : 0);
+  return (size_t)warps * ring_bytes<NT, U>() + (XS ? 2 * (size_t)K : 0);
 }
 
 constexpr int kWarpOptions[4] = {8, 4, 2, 1};
@@ -92,33 +92,53 @@ cudaError_t blocks_per_sm(int K, const Device& dev, const int** out) {
   return cudaSuccess;
 }
 
-// Warps per block (8, 4, 2 or 1, splitting K; `forced` > 0 overrides, for tuning): the choice
-// with the least time estimated as waves x stages per warp, where a wave is as many blocks as
-// the GPU holds at once; ties go to fewer waves (a second, mostly idle wave costs a whole one).
+// A launch's shape: warps per block and its estimated time (waves x stages per warp, where a
+// wave is as many blocks as the GPU holds at once).
+struct Plan { int warps = 1; double cost = 1e30; };
+
+// The warps per block (8, 4, 2 or 1, splitting K) with the least estimated time; ties go to fewer
+// waves (a second, mostly idle wave costs a whole one). `forced` > 0 overrides, for tuning.
 template <typename T, int MT, int NT, int U, bool XS>
-cudaError_t launch_tiles(const T* x, const uint4* qw, const uint2* meta, T* y, int M, int N,
-                         int K, int group_chunks, int forced, const Device& dev,
-                         cudaStream_t stream) {
+cudaError_t plan(int M, int N, int K, int forced, const Device& dev, Plan* out) {
   const int* fit = nullptr;
   const cudaError_t err = blocks_per_sm<T, MT, NT, U, XS>(K, dev, &fit);
   if (err != cudaSuccess) return err;
-  const int groups = (N + 16 * NT - 1) / (16 * NT);
-  const int slabs = (M + 8 * MT - 1) / (8 * MT);
-  const long long blocks = (long long)groups * slabs;
+  const long long groups = (N + 16 * NT - 1) / (16 * NT), slabs = (M + 8 * MT - 1) / (8 * MT);
+  const long long blocks = groups * slabs;
   const int stages = (K / 64 + U - 1) / U;
-  int warps = 1;
-  double best = 1e30;
+  Plan best;
   for (int i = 0; i < 4; ++i) {
     const int w = kWarpOptions[i], per_sm = fit[i];
     if (w > stages || per_sm <= 0) continue;
     const long long slots = (long long)per_sm * dev.sms, waves = (blocks + slots - 1) / slots;
     const double cost = (double)waves * ((stages + w - 1) / w) + 1e-3 * waves;
-    if (cost < best) best = cost, warps = w;
+    if (cost < best.cost) best.cost = cost, best.warps = w;
   }
-  if (forced > 0) warps = forced < kMaxWarps ? forced : kMaxWarps;
+  if (forced > 0) best.warps = forced < kMaxWarps ? forced : kMaxWarps;
+  *out = best;
+  return cudaSuccess;
+}
+
+template <typename T, int MT, int NT, int U, bool XS>
+cudaError_t launch_tiles(const T* x, const uint4* qw, const uint2* meta, T* y, int M, int N,
+                         int K, int group_chunks, int warps, const Device& dev,
+                         cudaStream_t stream) {
+  const int groups = (N + 16 * NT - 1) / (16 * NT), slabs = (M + 8 * MT - 1) / (8 * MT);
   return launch_dependent(int4_decode_kernel<T, MT, NT, U, XS>, dev.pdl, dim3(slabs, groups),
                           dim3(warps * 32), block_smem<NT, U, XS>(warps, K), stream, x, qw, meta,
                           y, M, N, K, group_chunks);
+}
+
+// plan, then launch_tiles.
+template <typename T, int MT, int NT, int U, bool XS>
+cudaError_t plan_and_launch(const T* x, const uint4* qw, const uint2* meta, T* y, int M, int N,
+                            int K, int group_chunks, int forced, const Device& dev,
+                            cudaStream_t stream) {
+  Plan p;
+  const cudaError_t err = plan<T, MT, NT, U, XS>(M, N, K, forced, dev, &p);
+  if (err != cudaSuccess) return err;
+  return launch_tiles<T, MT, NT, U, XS>(x, qw, meta, y, M, N, K, group_chunks, p.warps, dev,
+                                        stream);
 }
 
 // Tiles per block: 1 at batch 1 (the activations are one row: most blocks is best); from batch
@@ -142,27 +162,29 @@ cudaError_t launch_mt(const T* x, const uint4* qw, const uint2* meta, T* y, int 
   const int nt = tiles_per_block(M, N, MT, dev->sms, nt_forced);
   if constexpr (MT == 2)                        // (MT 1, NT 4 spills: one slab of 8 rows needs
     if (nt == 4)                                // less sharing anyway)
-      return launch_tiles<T, MT, 4, 1, false>(x, qw, meta, y, M, N, K, group_chunks, warps,
-                                              *dev, stream);
+      return plan_and_launch<T, MT, 4, 1, false>(x, qw, meta, y, M, N, K, group_chunks, warps,
+                                                 *dev, stream);
   if (nt >= 2)
-    return launch_tiles<T, MT, 2, 1, false>(x, qw, meta, y, M, N, K, group_chunks, warps,
-                                            *dev, stream);
+    return plan_and_launch<T, MT, 2, 1, false>(x, qw, meta, y, M, N, K, group_chunks, warps,
+                                               *dev, stream);
   if (group_chunks % 2 == 0) {                  // two chunks per stage share one group's record
-    if constexpr (MT == 1)                      // batch 1: x from shared memory where that costs
-      if (M == 1 && dev->xs) {                  // no occupancy (at 8 warps: K up to ~7k on H100)
-        const int *with = nullptr, *without = nullptr;
-        cudaError_t e = blocks_per_sm<T, 1, 1, 2, true>(K, *dev, &with);
-        if (e == cudaSuccess) e = blocks_per_sm<T, 1, 1, 2, false>(K, *dev, &without);
+    if constexpr (MT == 1)                      // batch 1: x from shared memory (XS) unless its
+      if (M == 1 && dev->xs) {                  // bytes cost an extra wave of blocks
+        Plan with, without;
+        cudaError_t e = plan<T, 1, 1, 2, true>(M, N, K, warps, *dev, &with);
+        if (e == cudaSuccess) e = plan<T, 1, 1, 2, false>(M, N, K, warps, *dev, &without);
         if (e != cudaSuccess) return e;
-        if (with[0] > 0 && with[0] >= without[0])
-          return launch_tiles<T, 1, 1, 2, true>(x, qw, meta, y, M, N, K, group_chunks, warps,
-                                                *dev, stream);
+        if (with.cost <= without.cost)
+          return launch_tiles<T, 1, 1, 2, true>(x, qw, meta, y, M, N, K, group_chunks,
+                                                with.warps, *dev, stream);
+        return launch_tiles<T, 1, 1, 2, false>(x, qw, meta, y, M, N, K, group_chunks,
+                                               without.warps, *dev, stream);
       }
-    return launch_tiles<T, MT, 1, 2, false>(x, qw, meta, y, M, N, K, group_chunks, warps,
-                                            *dev, stream);
+    return plan_and_launch<T, MT, 1, 2, false>(x, qw, meta, y, M, N, K, group_chunks, warps,
+                                               *dev, stream);
   }
-  return launch_tiles<T, MT, 1, 1, false>(x, qw, meta, y, M, N, K, group_chunks, warps,
-                                          *dev, stream);
+  return plan_and_launch<T, MT, 1, 1, false>(x, qw, meta, y, M, N, K, group_chunks, warps,
+                                             *dev, stream);
 }
 
 template <typename T>

@@ -59,6 +59,11 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
   __trap();                                        // (the launcher uses it on sm_90 only)
 #endif
 }
+__device__ __forceinline__ void mbarrier_inval(uint64_t* bar) {   // before reusing its bytes
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.inval.shared::cta.b64 [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+#endif
+}
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   uint32_t done = 0;
@@ -137,13 +142,14 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
   const int c_end = min(chunks, (warp + 1) * stages / warps * U);
 
   char* mine = reinterpret_cast<char*>(ring) + warp * ring_bytes<NT, U>();
-  // XS: after all rings, one mbarrier per warp, then x [K] (each warp fills its own range).
-  char* tail = reinterpret_cast<char*>(ring) + warps * ring_bytes<NT, U>();
-  uint64_t* xbar = reinterpret_cast<uint64_t*>(tail) + warp;
-  uint4* xs = reinterpret_cast<uint4*>(tail + 8 * kMaxWarps);
-  if (XS && lane == 0) mbarrier_init(xbar);
   uint4 (*wslot)[U][NT][32] = reinterpret_cast<uint4 (*)[U][NT][32]>(mine);
   uint2 (*mslot)[NT][32] = reinterpret_cast<uint2 (*)[NT][32]>(mine + kStages * U * NT * 32 * 16);
+  // XS: x [K] after all rings (each warp fills its own range). The warp's mbarrier lives in its
+  // ring's last stage, which the prologue leaves empty (64 bytes per block less: at K = 8192
+  // that is what lets 4 blocks of 8 warps share an H100 SM).
+  uint4* xs = reinterpret_cast<uint4*>(reinterpret_cast<char*>(ring) + warps * ring_bytes<NT, U>());
+  uint64_t* xbar = reinterpret_cast<uint64_t*>(&wslot[kStages - 1][0][0][0]);
+  if (XS && lane == 0) mbarrier_init(xbar);
   const size_t wstride = (size_t)tiles * 32, mstride = (size_t)tiles * 8;
   const uint4* wsrc = qweight + (size_t)c_begin * wstride + (size_t)tile0 * 32 + lane;
   const uint2* msrc = meta + (size_t)(c_begin / group_chunks) * mstride + (size_t)tile0 * 8 + g;
@@ -191,6 +197,9 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
     if (lane == 0)
       bulk_copy(xs + c_begin * 8, x + (size_t)c_begin * 64, (c_end - c_begin) * 128, xbar);
     mbarrier_wait(xbar, 0);
+    __syncwarp();                                   // every lane is past the wait: the stage
+    if (lane == 0) mbarrier_inval(xbar);            // may now be refilled
+    __syncwarp();
   }
   auto step = [&](int s, int cs) {                  // consume stage s (chunks cs ..), refill the
     issue(s == 0 ? kStages - 1 : s - 1);            // stage consumed before it
