@@ -128,8 +128,9 @@ def test_gpu_matches_reference(n, k, group_size, sym, act_order, dtype, m):
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", [(8192, 8192), (28672, 8192), (4096, 14336), (8192, 28672)])
 def test_gpu_batch1_large_k_matches_reference(n, k):
-    """Batch 1 where x in shared memory (XS) just fits (K = 8192, also over several waves of
-    blocks) or fits at lower occupancy (K = 14336), and where it does not fit (K = 28672)."""
+    """Batch 1 where x in shared memory (XS) just fits (K = 8192) or fits at lower occupancy
+    (K = 14336), where the grid is several waves (N = 28672: no XS) and where x does not fit
+    (K = 28672)."""
     layer = make_layer(n, k, 4, 128, sym=True, device="cuda")
     x = torch.randn(1, k, device="cuda", dtype=torch.float16)
     ref = x.double() @ dequantize_gptq(*layer, 4).double()

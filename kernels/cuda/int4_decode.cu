@@ -94,7 +94,7 @@ cudaError_t blocks_per_sm(int K, const Device& dev, const int** out) {
 
 // A launch's shape: warps per block and its estimated time (waves x stages per warp, where a
 // wave is as many blocks as the GPU holds at once).
-struct Plan { int warps = 1; double cost = 1e30; };
+struct Plan { int warps = 1; long long waves = 0; double cost = 1e30; };
 
 // The warps per block (8, 4, 2 or 1, splitting K) with the least estimated time; ties go to fewer
 // waves (a second, mostly idle wave costs a whole one). `forced` > 0 overrides, for tuning.
@@ -112,7 +112,7 @@ cudaError_t plan(int M, int N, int K, int forced, const Device& dev, Plan* out) 
     if (w > stages || per_sm <= 0) continue;
     const long long slots = (long long)per_sm * dev.sms, waves = (blocks + slots - 1) / slots;
     const double cost = (double)waves * ((stages + w - 1) / w) + 1e-3 * waves;
-    if (cost < best.cost) best.cost = cost, best.warps = w;
+    if (cost < best.cost) best.cost = cost, best.warps = w, best.waves = waves;
   }
   if (forced > 0) best.warps = forced < kMaxWarps ? forced : kMaxWarps;
   *out = best;
@@ -168,13 +168,14 @@ cudaError_t launch_mt(const T* x, const uint4* qw, const uint2* meta, T* y, int 
     return plan_and_launch<T, MT, 2, 1, false>(x, qw, meta, y, M, N, K, group_chunks, warps,
                                                *dev, stream);
   if (group_chunks % 2 == 0) {                  // two chunks per stage share one group's record
-    if constexpr (MT == 1)                      // batch 1: x from shared memory (XS) unless its
-      if (M == 1 && dev->xs) {                  // bytes cost an extra wave of blocks
+    if constexpr (MT == 1)                      // batch 1: x from shared memory (XS) where the
+      if (M == 1 && dev->xs) {                  // grid is one wave, also with x's bytes
         Plan with, without;
         cudaError_t e = plan<T, 1, 1, 2, true>(M, N, K, warps, *dev, &with);
         if (e == cudaSuccess) e = plan<T, 1, 1, 2, false>(M, N, K, warps, *dev, &without);
         if (e != cudaSuccess) return e;
-        if (with.cost <= without.cost)
+        if (with.waves == 1 && with.cost <= without.cost)   // (later waves would wait for
+                                                            // their x: 8192x28672 2.8% slower)
           return launch_tiles<T, 1, 1, 2, true>(x, qw, meta, y, M, N, K, group_chunks,
                                                 with.warps, *dev, stream);
         return launch_tiles<T, 1, 1, 2, false>(x, qw, meta, y, M, N, K, group_chunks,
