@@ -45,9 +45,10 @@ def group_of(name: str) -> str:
 
 
 def profile_steps(model: torch.nn.Module, prompt: int, steps: int, device: torch.device,
-                  compiled: bool) -> tuple[dict, float, list]:
+                  compiled: bool) -> tuple[dict, float, list, list]:
     """({group: device ms per token}, wall ms per token, [(ms per token, calls per token, name)]
-    of the busiest kernels) over ``steps`` decode steps at batch 1 after a ``prompt`` prefill."""
+    of the busiest kernels, the same for the ops with the most host (CPU) self time) over
+    ``steps`` decode steps at batch 1 after a ``prompt`` prefill."""
     from torch.profiler import ProfilerActivity, profile
     greedy = StaticGreedy(model, compile=compiled)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt),
@@ -77,7 +78,10 @@ def profile_steps(model: torch.nn.Module, prompt: int, steps: int, device: torch
         decode(prof)
     per_group: dict[str, float] = {}
     kernels: list[tuple[float, float, str]] = []
+    host: list[tuple[float, float, str]] = []
     for event in prof.key_averages():
+        if event.device_type.name == "CPU" and event.self_cpu_time_total:
+            host.append((event.self_cpu_time_total / 1e3 / steps, event.count / steps, event.key))
         if device.type == "cuda":
             us = event.self_device_time_total if event.device_type.name == "CUDA" else 0.0
         else:                                                     # leaf aten ops only (no double count)
@@ -86,21 +90,24 @@ def profile_steps(model: torch.nn.Module, prompt: int, steps: int, device: torch
             group = group_of(event.key)
             per_group[group] = per_group.get(group, 0.0) + us / 1e3 / steps
             kernels.append((us / 1e3 / steps, event.count / steps, event.key))
-    return per_group, wall * 1e3 / steps, sorted(kernels, reverse=True)[:TOP]
+    return (per_group, wall * 1e3 / steps, sorted(kernels, reverse=True)[:TOP],
+            sorted(host, reverse=True)[:TOP])
 
 
 def table(rows: dict[str, tuple[dict, float, list]], header: str, path: str) -> str:
     names = [g for g, _ in GROUPS] + ["other"]
     lines = [header, "", "| model | " + " | ".join(f"{g} ms/token" for g in names)
              + f" | kernels ms/token | wall ms/token ({path}) |", "|---" * (len(names) + 3) + "|"]
-    for label, (groups, wall, _) in rows.items():
+    for label, (groups, wall, *_) in rows.items():
         total = sum(groups.values())
         cells = [f"{groups.get(g, 0.0):.3f} ({100 * groups.get(g, 0.0) / total:.0f}%)" if total else "-"
                  for g in names]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {total:.3f} | {wall:.3f} |")
-    for label, (_, _, top) in rows.items():
+    for label, (_, _, top, host) in rows.items():
         lines += ["", f"Busiest kernels, {label}: ms/token, calls/token, name"]
         lines += [f"  {ms:7.3f}  {calls:5.1f}  {name[:110]}" for ms, calls, name in top]
+        lines += ["", f"Most host (CPU) self time, {label}: ms/token, calls/token, op"]
+        lines += [f"  {ms:7.3f}  {calls:5.1f}  {name[:110]}" for ms, calls, name in host]
     return "\n".join(lines)
 
 

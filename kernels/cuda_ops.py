@@ -25,7 +25,7 @@ import torch
 
 from .cuda_pack import PreparedCUDA, kernel_input, prepare
 from .cuda_pack import supports as layer_supports
-from .ops import cached_layout, matmul_dequantized
+from .ops import cached_layout, direct_call, matmul_dequantized
 
 CUDA_DIR = Path(__file__).parent / "cuda"
 SOURCES = [CUDA_DIR / n for n in ("binding.cpp", "int4_decode.cu", "int4_dequant.cu")]
@@ -93,7 +93,8 @@ def _kernel_rows(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:
 def cuda_mm(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:
     """x [..., K] fp16/bf16 on CUDA (p.dtype) -> [..., N]."""
     flat = _kernel_rows(x, p)
-    out = torch.ops.gptq_lab.cuda_int4_mm(flat, p.qweight, p.meta, p.group_size, p.out_features)
+    op = _build().int4_decode if direct_call(flat) else torch.ops.gptq_lab.cuda_int4_mm
+    out = op(flat, p.qweight, p.meta, p.group_size, p.out_features)
     return out.reshape(*x.shape[:-1], p.out_features)
 
 

@@ -64,6 +64,20 @@ def test_irregular_groups_are_padded_to_whole_blocks():
     assert torch.allclose(xk @ dequantize_prepared(p).double(), x @ ref.double(), atol=1e-9)
 
 
+def test_kernels_are_called_directly_only_in_eager_code_without_autograd():
+    """Eager calls skip the custom op's dispatch (host time); torch.compile must still see the
+    op, and so must autograd (the op then says it has no backward, instead of a silent None)."""
+    from gptq_lab.kernels.ops import direct_call
+    x = torch.randn(2, 8)
+    assert direct_call(x)
+    leaf = x.clone().requires_grad_()
+    assert not direct_call(leaf)
+    with torch.no_grad():
+        assert direct_call(leaf)
+    seen = torch.compile(lambda t: t + float(direct_call(t)), backend="eager", fullgraph=True)(x)
+    assert torch.equal(seen, x)                    # traced: direct_call was False
+
+
 def test_unsupported_bits_say_what_to_do():
     with pytest.raises(ValueError, match="bits=3 is not supported"):
         prepare(*make_layer(32, 64, 3, 32, sym=True), 3)
