@@ -38,17 +38,9 @@ import torch
 from gptq_lab.kernels import ops as kernel_ops
 
 from gptq_lab import QuantConfig, load, quantize_model, save
-from gptq_lab.generate import PATHS, DecodeSettings, figure_names, measure_decode, prepare_model
+from gptq_lab.generate import (LLAMA_SHAPES, PATHS, DecodeSettings, figure_names, measure_decode,
+                               prepare_model, random_llama)
 
-SHAPES = {
-    "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-           "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096},
-    "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-           "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
-           "rope_theta": 500000.0},
-    "tiny": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 256},
-}
 KERNELS = ("default", "cuda", "default+fuse", "cuda+fuse")
 QUANT = QuantConfig(bits=4, group_size=128, sym=True)
 TINY = DecodeSettings(prompt=4, long_prompt=16, new_tokens=4, batches=(2,), repeats=1, warmup=0)
@@ -56,28 +48,6 @@ TINY = DecodeSettings(prompt=4, long_prompt=16, new_tokens=4, batches=(2,), repe
 
 def log(msg: str, t0: float = time.perf_counter()) -> None:
     print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def build_float(shape: str, device: torch.device) -> torch.nn.Module:
-    """A Llama of ``shape`` with random fp16 weights, made on ``device`` (no CPU copy): norms 1,
-    every other weight N(0, 0.02), as the model's own init would draw them."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(**SHAPES[shape], tie_word_embeddings=False, attn_implementation="sdpa")
-    default = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(torch.float16)
-        with torch.device("meta"):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
-    model = model.to_empty(device=device)
-    gen = torch.Generator(device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02, generator=gen)
-        with torch.device(device):                         # buffers are not parameters: rebuild
-            model.model.rotary_emb = type(model.model.rotary_emb)(config)
-    return model.eval()
 
 
 def make_checkpoint(model: torch.nn.Module, directory: Path) -> None:
@@ -132,7 +102,7 @@ def measure(model, shape: str, dtype: str, paths: list[str], settings: DecodeSet
 def run_shape(shape: str, paths: list[str], device: torch.device, settings: DecodeSettings,
               workdir: Path, kernels: tuple[str, ...] = ("default",), fp16: bool = True) -> list[dict]:
     log(f"{shape}: building the fp16 model")
-    model = build_float(shape, device)
+    model = random_llama(shape, device)
     rows = measure(model, shape, "fp16", paths, settings) if fp16 else []
     log(f"{shape}: RTN 4-bit g128 and save")
     ckpt = workdir / f"{shape}-gptq-4bit-g128"
@@ -183,7 +153,7 @@ def table(rows: list[dict], settings: DecodeSettings, header: str) -> str:
 
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="7b", help="comma list of " + ", ".join(SHAPES))
+    ap.add_argument("--shapes", default="7b", help="comma list of " + ", ".join(LLAMA_SHAPES))
     ap.add_argument("--paths", default="eager,fast", help="comma list of " + ", ".join(PATHS))
     ap.add_argument("--tiny", action="store_true", help="a tiny Llama and short runs (CPU smoke test)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -200,7 +170,7 @@ def main(argv=None) -> str:
     shapes = ["tiny"] if args.tiny else args.shapes.split(",")
     paths = args.paths.split(",")
     kernels = args.kernels.split(",")
-    for name, allowed in ((shapes, SHAPES), (paths, PATHS), (kernels, KERNELS)):
+    for name, allowed in ((shapes, LLAMA_SHAPES), (paths, PATHS), (kernels, KERNELS)):
         bad = [v for v in name if v not in allowed]
         if bad:
             ap.error(f"unknown {bad}; choose from {list(allowed)}")

@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 import torch
-from decode import KERNELS, SHAPES, build_float, emit, free, load_int4, make_checkpoint
+from decode import KERNELS, emit, free, load_int4, make_checkpoint
 
-from gptq_lab.generate import StaticGreedy
+from gptq_lab.generate import LLAMA_SHAPES, StaticGreedy, random_llama
 
 GROUPS = (                                     # first match wins; names are lower-cased
     ("int4 matmul", re.compile(r"gptq|int4|_gemv|_gemm_kernel|dequant")),
@@ -113,7 +113,7 @@ def table(rows: dict[str, tuple[dict, float, list]], header: str, path: str) -> 
 
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="7b", choices=sorted(SHAPES))
+    ap.add_argument("--shape", default="7b", choices=sorted(LLAMA_SHAPES))
     ap.add_argument("--tiny", action="store_true", help="the tiny shape and few steps (CPU smoke run)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--kernels", default="cuda+fuse", choices=KERNELS,
@@ -129,7 +129,7 @@ def main(argv=None) -> str:
     compiled = not args.eager and device.type == "cuda"
     path = "compiled, CUDA graphs" if compiled else "uncompiled"
     rows = {}
-    model = build_float(shape, device)
+    model = random_llama(shape, device)
     rows["fp16"] = profile_steps(model, prompt, steps, device, compiled)
     with tempfile.TemporaryDirectory(prefix="gptq_lab_profile_") as tmp:
         make_checkpoint(model, Path(tmp) / "ckpt")

@@ -5,6 +5,7 @@
     ids = StaticGreedy(model)(prompt_ids, 128)      # static KV cache, compiled step, CUDA graphs
     ids = eager_greedy(model, prompt_ids, 128)      # transformers' generate, its default cache
     report = measure_decode(model, "fast", DecodeSettings())      # {figure: value}
+    model = random_llama("7b", "cuda")              # Llama-2-7B-shaped, random fp16 weights
 
 ``StaticGreedy`` runs the prompt (prefill) uncompiled into a transformers ``StaticCache`` and
 each later token through ``torch.compile(fullgraph=True, mode="reduce-overhead")`` (CUDA graphs
@@ -155,6 +156,45 @@ class StaticGreedy:
             token = step(token, cache, positions[i:i + 1]).clone()           # graphs reuse outputs
             out[:, t + i + 1:t + i + 2] = token
         return out
+
+
+# Llama shapes for speed measurements (random weights): Llama-2-7B, the GQA Llama-3-8B, and a tiny
+# one for CPU runs and tests.
+LLAMA_SHAPES = {
+    "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096},
+    "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
+           "rope_theta": 500000.0},
+    "tiny": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 256},
+}
+
+
+def random_llama(shape: str, device: torch.device | str, dtype: torch.dtype = torch.float16) -> nn.Module:
+    """A Llama of ``LLAMA_SHAPES[shape]`` with random weights, made on ``device`` (no CPU copy):
+    norms 1, every other weight N(0, 0.02), as the model's own init would draw them (seed 0, so
+    two calls give the same model). For speed and memory figures only: its text is noise."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    if shape not in LLAMA_SHAPES:
+        raise ValueError(f"shape={shape!r}; use one of {', '.join(LLAMA_SHAPES)}")
+    config = LlamaConfig(**LLAMA_SHAPES[shape], tie_word_embeddings=False, attn_implementation="sdpa")
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    device = torch.device(device)
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02, generator=gen)
+        with torch.device(device):                         # buffers are not parameters: rebuild
+            model.model.rotary_emb = type(model.model.rotary_emb)(config)
+    return model.eval()
 
 
 # ---------------------------------------------------------------------- measurement
