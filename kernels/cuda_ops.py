@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import shutil
 import warnings
 import weakref
@@ -37,12 +38,26 @@ MAX_SLAB_M = 128       # prepared layers without a Triton layout: the kernel up 
                        # kernel 1.1-1.3x, but cuda_decode layers keep no Triton layout)
 
 
+def env_defines() -> tuple[str, ...]:
+    """``GPTQ_LAB_CUDA_DEFINES`` ("NAME=VALUE" items, space or comma separated, each NAME a
+    GPTQ_LAB_* define of kernels/cuda/): compile-time variants for the whole process, e.g. to
+    run the GPU tests on a variant before it becomes the default. Malformed items are refused."""
+    items = tuple(os.environ.get("GPTQ_LAB_CUDA_DEFINES", "").replace(",", " ").split())
+    bad = [d for d in items if not re.fullmatch(r"GPTQ_LAB_[A-Z0-9_]+=\w+", d)]
+    if bad:
+        raise ValueError(f"GPTQ_LAB_CUDA_DEFINES: {bad} are not NAME=VALUE defines of GPTQ_LAB_*")
+    return items
+
+
 @functools.cache
-def _build(arch_flags: tuple[str, ...] = tuple(ARCH_FLAGS), defines: tuple[str, ...] = ()):
+def _build(arch_flags: tuple[str, ...] = tuple(ARCH_FLAGS), defines: tuple[str, ...] | None = None):
     """Compile (or load the cached build of) the extension; raises RuntimeError on failure.
     ``arch_flags`` and ``defines`` (e.g. ``("GPTQ_LAB_STAGES=8",)``: compile-time variants, see
-    kernels/cuda/*.cuh) other than the defaults are for benchmarks/cuda_variants.py."""
+    kernels/cuda/*.cuh; None: ``env_defines()``) other than the defaults are for
+    benchmarks/cuda_variants.py and for testing variants."""
     from torch.utils.cpp_extension import CUDA_HOME, load
+    if defines is None:
+        defines = env_defines()
     if CUDA_HOME is None and shutil.which("nvcc") is None:
         raise RuntimeError("no CUDA compiler (nvcc) found; set CUDA_HOME to build the CUDA kernel")
     suffix = "".join("_" + d.replace("GPTQ_LAB_", "").replace("=", "").lower() for d in defines)

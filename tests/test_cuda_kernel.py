@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -93,6 +92,25 @@ def test_dequant_store_variants_compile(tmp_path, store):
     assert len(spills) == 18 and max(spills) == 0
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_cluster_split_variant_compiles_without_spills(tmp_path):
+    """K split across the blocks of a cluster (GPTQ_LAB_CLUSTER_SPLIT=1, not yet the default)."""
+    log = nvcc(tmp_path, *cuda_ops.ARCH_FLAGS, "-DGPTQ_LAB_CLUSTER_SPLIT=1")
+    spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", log)]
+    assert len(spills) == 36 and max(spills) == 0, log
+
+
+def test_process_wide_defines_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("GPTQ_LAB_CUDA_DEFINES", "GPTQ_LAB_CLUSTER_SPLIT=1, GPTQ_LAB_STAGES=6")
+    assert cuda_ops.env_defines() == ("GPTQ_LAB_CLUSTER_SPLIT=1", "GPTQ_LAB_STAGES=6")
+    monkeypatch.setenv("GPTQ_LAB_CUDA_DEFINES", "")
+    assert cuda_ops.env_defines() == ()
+    for bad in ("STAGES=6", "GPTQ_LAB_STAGES", "GPTQ_LAB_X=1;rm"):
+        monkeypatch.setenv("GPTQ_LAB_CUDA_DEFINES", bad)
+        with pytest.raises(ValueError, match="GPTQ_LAB_CUDA_DEFINES"):
+            cuda_ops.env_defines()
+
+
 def test_variant_names_become_compiler_defines(monkeypatch, tmp_path):
     """benchmarks/cuda_variants.py: "S", "S/A", then "+NAME=VALUE" defines; anything else is refused."""
     from test_decode import load_benchmark
@@ -135,6 +153,30 @@ def test_gpu_batch1_large_k_matches_reference(n, k):
     x = torch.randn(1, k, device="cuda", dtype=torch.float16)
     ref = x.double() @ dequantize_gptq(*layer, 4).double()
     assert rel_err(gptq_matmul(x, *layer, 4, backend="cuda"), ref) < TOL[torch.float16]
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
+                    reason="thread-block clusters need sm_90")
+def test_gpu_cluster_split_matches_reference():
+    """The GPTQ_LAB_CLUSTER_SPLIT=1 build (a second extension): K split across 2-8 blocks of a
+    cluster, forced and as the launcher picks it for small N (fewer tiles than SMs)."""
+    ext = cuda_ops._build(tuple(cuda_ops.ARCH_FLAGS), ("GPTQ_LAB_CLUSTER_SPLIT=1",))
+    for n, k, m in ((200, 1024, 1), (1000, 4096, 3), (4096, 4096, 16), (520, 512, 40)):
+        layer = make_layer(n, k, 4, 128, sym=False, device="cuda")
+        p = prepare(*layer, 4, torch.float16)
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        ref = x.double() @ dequantize_gptq(*layer, 4).double()
+        for splits in (0, 1, 2, 4, 8):
+            if splits > k // 128:                      # (at least one stage per block)
+                continue
+            y = ext.int4_decode(kernel_input(x, p), p.qweight, p.meta, p.group_size, n, 0, 0, splits)
+            assert rel_err(y, ref) < TOL[torch.float16], f"n={n} k={k} m={m} splits={splits}"
+    if "GPTQ_LAB_CLUSTER_SPLIT=1" not in cuda_ops.env_defines():     # the default build refuses
+        with pytest.raises(RuntimeError, match="GPTQ_LAB_CLUSTER_SPLIT"):
+            cuda_ops._build().int4_decode(kernel_input(x, p), p.qweight, p.meta, p.group_size, n,
+                                          0, 0, 2)
 
 
 @cuda

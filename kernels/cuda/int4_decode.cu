@@ -36,20 +36,30 @@ inline cudaError_t device_info(const Device** out) {
   return err;
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent where enabled.
+// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent where enabled, in
+// clusters of grid.z blocks when `cluster` (sm_90).
 template <typename... Params, typename... Args>
-cudaError_t launch_dependent(void (*kernel)(Params...), bool pdl, dim3 grid, dim3 block,
-                             size_t smem, cudaStream_t stream, Args... args) {
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+cudaError_t launch_dependent(void (*kernel)(Params...), bool pdl, bool cluster, dim3 grid,
+                             dim3 block, size_t smem, cudaStream_t stream, Args... args) {
+  cudaLaunchAttribute attr[2];
+  unsigned n = 0;
+  if (pdl) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = 1;
+    attr[n].val.clusterDim.y = 1;
+    attr[n++].val.clusterDim.z = grid.z;
+  }
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   config.attrs = attr;
-  config.numAttrs = pdl ? 1 : 0;
+  config.numAttrs = n;
   return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
 }
 
@@ -92,53 +102,71 @@ cudaError_t blocks_per_sm(int K, const Device& dev, const int** out) {
   return cudaSuccess;
 }
 
-// A launch's shape: warps per block and its estimated time (waves x stages per warp, where a
-// wave is as many blocks as the GPU holds at once).
-struct Plan { int warps = 1; long long waves = 0; double cost = 1e30; };
+// A launch's shape: warps per block, blocks per cluster splitting K (grid z), and its estimated
+// time (waves x stages per warp, where a wave is as many blocks as the GPU holds at once).
+struct Plan { int warps = 1, splits = 1; long long waves = 0; double cost = 1e30; };
+
+// Tuning overrides (0: the launcher chooses): warps per block (1..8), tiles per block (1, 2, 4),
+// blocks per cluster splitting K (1, 2, 4, 8; builds with GPTQ_LAB_CLUSTER_SPLIT on sm_90 only).
+struct Forced { int warps = 0, nt = 0, splits = 0; };
+
+// Clusters of `splits` blocks split K where the tiles alone leave SMs without a block (small N):
+// the fewest that give every SM one, at most 8, each warp keeping at least one stage.
+inline int cluster_splits(long long blocks, int stages, const Device& dev) {
+  int s = 1;
+  if (GPTQ_LAB_CLUSTER_SPLIT && dev.major >= 9)
+    while (s < 8 && blocks * s < dev.sms && 2 * s <= stages) s *= 2;
+  return s;
+}
 
 // The warps per block (8, 4, 2 or 1, splitting K) with the least estimated time; ties go to fewer
-// waves (a second, mostly idle wave costs a whole one). `forced` > 0 overrides, for tuning.
+// waves (a second, mostly idle wave costs a whole one).
 template <typename T, int MT, int NT, int U, bool XS>
-cudaError_t plan(int M, int N, int K, int forced, const Device& dev, Plan* out) {
+cudaError_t plan(int M, int N, int K, const Forced& forced, const Device& dev, Plan* out) {
   const int* fit = nullptr;
   const cudaError_t err = blocks_per_sm<T, MT, NT, U, XS>(K, dev, &fit);
   if (err != cudaSuccess) return err;
   const long long groups = (N + 16 * NT - 1) / (16 * NT), slabs = (M + 8 * MT - 1) / (8 * MT);
-  const long long blocks = groups * slabs;
   const int stages = (K / 64 + U - 1) / U;
   Plan best;
+  best.splits = forced.splits > 0 ? forced.splits : cluster_splits(groups * slabs, stages, dev);
+  if (best.splits > 1 && (!GPTQ_LAB_CLUSTER_SPLIT || dev.major < 9 || best.splits > 8 ||
+                          best.splits > stages))
+    return cudaErrorNotSupported;
+  const long long blocks = groups * slabs * best.splits;
+  const int block_stages = (stages + best.splits - 1) / best.splits;
   for (int i = 0; i < 4; ++i) {
     const int w = kWarpOptions[i], per_sm = fit[i];
-    if (w > stages || per_sm <= 0) continue;
+    if (w > block_stages || per_sm <= 0) continue;
     const long long slots = (long long)per_sm * dev.sms, waves = (blocks + slots - 1) / slots;
-    const double cost = (double)waves * ((stages + w - 1) / w) + 1e-3 * waves;
+    const double cost = (double)waves * ((block_stages + w - 1) / w) + 1e-3 * waves;
     if (cost < best.cost) best.cost = cost, best.warps = w, best.waves = waves;
   }
-  if (forced > 0) best.warps = forced < kMaxWarps ? forced : kMaxWarps;
+  if (forced.warps > 0) best.warps = forced.warps < kMaxWarps ? forced.warps : kMaxWarps;
   *out = best;
   return cudaSuccess;
 }
 
 template <typename T, int MT, int NT, int U, bool XS>
 cudaError_t launch_tiles(const T* x, const uint4* qw, const uint2* meta, T* y, int M, int N,
-                         int K, int group_chunks, int warps, const Device& dev,
+                         int K, int group_chunks, const Plan& p, const Device& dev,
                          cudaStream_t stream) {
   const int groups = (N + 16 * NT - 1) / (16 * NT), slabs = (M + 8 * MT - 1) / (8 * MT);
-  return launch_dependent(int4_decode_kernel<T, MT, NT, U, XS>, dev.pdl, dim3(slabs, groups),
-                          dim3(warps * 32), block_smem<NT, U, XS>(warps, K), stream, x, qw, meta,
-                          y, M, N, K, group_chunks);
+  return launch_dependent(int4_decode_kernel<T, MT, NT, U, XS>, dev.pdl, p.splits > 1,
+                          dim3(slabs, groups, p.splits), dim3(p.warps * 32),
+                          block_smem<NT, U, XS>(p.warps, K), stream, x, qw, meta, y, M, N, K,
+                          group_chunks);
 }
 
 // plan, then launch_tiles.
 template <typename T, int MT, int NT, int U, bool XS>
 cudaError_t plan_and_launch(const T* x, const uint4* qw, const uint2* meta, T* y, int M, int N,
-                            int K, int group_chunks, int forced, const Device& dev,
+                            int K, int group_chunks, const Forced& forced, const Device& dev,
                             cudaStream_t stream) {
   Plan p;
   const cudaError_t err = plan<T, MT, NT, U, XS>(M, N, K, forced, dev, &p);
   if (err != cudaSuccess) return err;
-  return launch_tiles<T, MT, NT, U, XS>(x, qw, meta, y, M, N, K, group_chunks, p.warps, dev,
-                                        stream);
+  return launch_tiles<T, MT, NT, U, XS>(x, qw, meta, y, M, N, K, group_chunks, p, dev, stream);
 }
 
 // Tiles per block: 1 at batch 1 (the activations are one row: most blocks is best); from batch
@@ -155,48 +183,48 @@ inline int tiles_per_block(int M, int N, int MT, int sms, int forced) {
 
 template <typename T, int MT>
 cudaError_t launch_mt(const T* x, const uint4* qw, const uint2* meta, T* y, int M, int N, int K,
-                      int group_chunks, int warps, int nt_forced, cudaStream_t stream) {
+                      int group_chunks, const Forced& forced, cudaStream_t stream) {
   const Device* dev = nullptr;
   const cudaError_t err = device_info(&dev);
   if (err != cudaSuccess) return err;
-  const int nt = tiles_per_block(M, N, MT, dev->sms, nt_forced);
+  const int nt = tiles_per_block(M, N, MT, dev->sms, forced.nt);
   if constexpr (MT == 2)                        // (MT 1, NT 4 spills: one slab of 8 rows needs
     if (nt == 4)                                // less sharing anyway)
-      return plan_and_launch<T, MT, 4, 1, false>(x, qw, meta, y, M, N, K, group_chunks, warps,
+      return plan_and_launch<T, MT, 4, 1, false>(x, qw, meta, y, M, N, K, group_chunks, forced,
                                                  *dev, stream);
   if (nt >= 2)
-    return plan_and_launch<T, MT, 2, 1, false>(x, qw, meta, y, M, N, K, group_chunks, warps,
+    return plan_and_launch<T, MT, 2, 1, false>(x, qw, meta, y, M, N, K, group_chunks, forced,
                                                *dev, stream);
   if (group_chunks % 2 == 0) {                  // two chunks per stage share one group's record
     if constexpr (MT == 1)                      // batch 1: x from shared memory (XS) where the
       if (M == 1 && dev->xs) {                  // grid is one wave, also with x's bytes
         Plan with, without;
-        cudaError_t e = plan<T, 1, 1, 2, true>(M, N, K, warps, *dev, &with);
-        if (e == cudaSuccess) e = plan<T, 1, 1, 2, false>(M, N, K, warps, *dev, &without);
+        cudaError_t e = plan<T, 1, 1, 2, true>(M, N, K, forced, *dev, &with);
+        if (e == cudaSuccess) e = plan<T, 1, 1, 2, false>(M, N, K, forced, *dev, &without);
         if (e != cudaSuccess) return e;
         if (with.waves == 1 && with.cost <= without.cost)   // (later waves would wait for
                                                             // their x: 8192x28672 2.8% slower)
-          return launch_tiles<T, 1, 1, 2, true>(x, qw, meta, y, M, N, K, group_chunks,
-                                                with.warps, *dev, stream);
-        return launch_tiles<T, 1, 1, 2, false>(x, qw, meta, y, M, N, K, group_chunks,
-                                               without.warps, *dev, stream);
+          return launch_tiles<T, 1, 1, 2, true>(x, qw, meta, y, M, N, K, group_chunks, with,
+                                                *dev, stream);
+        return launch_tiles<T, 1, 1, 2, false>(x, qw, meta, y, M, N, K, group_chunks, without,
+                                               *dev, stream);
       }
-    return plan_and_launch<T, MT, 1, 2, false>(x, qw, meta, y, M, N, K, group_chunks, warps,
+    return plan_and_launch<T, MT, 1, 2, false>(x, qw, meta, y, M, N, K, group_chunks, forced,
                                                *dev, stream);
   }
-  return plan_and_launch<T, MT, 1, 1, false>(x, qw, meta, y, M, N, K, group_chunks, warps,
+  return plan_and_launch<T, MT, 1, 1, false>(x, qw, meta, y, M, N, K, group_chunks, forced,
                                              *dev, stream);
 }
 
 template <typename T>
 cudaError_t launch(const void* x, const void* qweight, const void* meta, void* y, int M, int N,
-                   int K, int group_size, int warps, int nt, cudaStream_t stream) {
+                   int K, int group_size, const Forced& forced, cudaStream_t stream) {
   const T* xp = static_cast<const T*>(x);
   T* yp = static_cast<T*>(y);
   const uint4* qw = static_cast<const uint4*>(qweight);
   const uint2* mp = static_cast<const uint2*>(meta);
-  if (M <= 8) return launch_mt<T, 1>(xp, qw, mp, yp, M, N, K, group_size / 64, warps, nt, stream);
-  return launch_mt<T, 2>(xp, qw, mp, yp, M, N, K, group_size / 64, warps, nt, stream);
+  if (M <= 8) return launch_mt<T, 1>(xp, qw, mp, yp, M, N, K, group_size / 64, forced, stream);
+  return launch_mt<T, 2>(xp, qw, mp, yp, M, N, K, group_size / 64, forced, stream);
 }
 
 }  // namespace
@@ -204,18 +232,21 @@ cudaError_t launch(const void* x, const void* qweight, const void* meta, void* y
 
 // x [M, K] (K a multiple of 64, rows contiguous), y [M, N]; dtype 0 = fp16, 1 = bf16.
 // group_size: kernel rows per group, a multiple of 64 dividing K (K for per-channel).
-// warps: warps per block (1..8), nt: tiles of 16 outputs per block (1, 2, 4); 0 lets the
-// launcher choose (other values are for tuning).
+// warps: warps per block (1..8), nt: tiles of 16 outputs per block (1, 2, 4), splits: blocks per
+// cluster splitting K (1, 2, 4, 8; builds with GPTQ_LAB_CLUSTER_SPLIT on sm_90, else
+// cudaErrorNotSupported); 0 lets the launcher choose (other values are for tuning).
 extern "C" cudaError_t gptq_lab_int4_decode(const void* x, const void* qweight, const void* meta,
                                             void* y, int M, int N, int K, int group_size,
-                                            int warps, int nt, int dtype, cudaStream_t stream) {
+                                            int warps, int nt, int splits, int dtype,
+                                            cudaStream_t stream) {
   if (M <= 0 || N <= 0) return cudaSuccess;
   if (K <= 0 || K % 64 || group_size <= 0 || group_size % 64 || K % group_size ||
       (N + 15) / 16 > 65535)                        // tile groups are the grid's y dimension
     return cudaErrorInvalidValue;
+  gptq_lab::Forced forced;
+  forced.warps = warps, forced.nt = nt, forced.splits = splits;
   return dtype == 1
-             ? gptq_lab::launch<__nv_bfloat16>(x, qweight, meta, y, M, N, K, group_size, warps,
-                                               nt, stream)
-             : gptq_lab::launch<__half>(x, qweight, meta, y, M, N, K, group_size, warps, nt,
-                                        stream);
+             ? gptq_lab::launch<__nv_bfloat16>(x, qweight, meta, y, M, N, K, group_size, forced,
+                                               stream)
+             : gptq_lab::launch<__half>(x, qweight, meta, y, M, N, K, group_size, forced, stream);
 }

@@ -7,9 +7,10 @@
 // the batch as its 8 columns (two MMAs for batches 9-16). Each block owns 16 output features
 // and one slab of up to 16 batch rows (larger batches: several slabs, scheduled next to each
 // other so that only the first reads the tile's weights from memory, the others from L2);
-// its warps split K and reduce through shared memory. Weight words are streamed with 16-byte
-// asynchronous copies (cp.async) into a per-warp shared-memory ring, several chunks in flight
-// per warp while the oldest is consumed.
+// its warps split K and reduce through shared memory (with GPTQ_LAB_CLUSTER_SPLIT, the warps of
+// a cluster of blocks do, and the cluster reduces through distributed shared memory). Weight
+// words are streamed with 16-byte asynchronous copies (cp.async) into a per-warp shared-memory
+// ring, several chunks in flight per warp while the oldest is consumed.
 #pragma once
 #include "int4_common.cuh"
 
@@ -90,12 +91,42 @@ __device__ __forceinline__ void allow_dependents() {
 #endif
 }
 
+// Thread-block clusters (sm_90): this block's rank, a barrier over all threads of the cluster
+// (release/acquire: shared-memory writes before it are visible to the peers after it), and a
+// load from the same offset of a peer block's shared memory.
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+#endif
+  return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n"
+               "barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ float load_peer(const float* p, uint32_t rank) {
+  float v = 0.f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr(p)),
+               "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
+#endif
+  return v;
+}
+
 #ifndef GPTQ_LAB_ABLATE   // timing experiments only (wrong results): 1 = no math, 2 = no x loads,
 #define GPTQ_LAB_ABLATE 0 // 3 = no weight loads
 #endif
 #ifndef GPTQ_LAB_STAGES
 #define GPTQ_LAB_STAGES 4
 #endif
+#ifndef GPTQ_LAB_CLUSTER_SPLIT  // 1: K is also split across the blocks of a thread-block
+#define GPTQ_LAB_CLUSTER_SPLIT 0  // cluster (sm_90, grid z = cluster size), reduced through
+#endif                            // distributed shared memory. Not yet measured: off by default
 #ifndef GPTQ_LAB_B1_MINBLOCKS  // the one-tile kernels for batch <= 8 are compiled to fit this
 #define GPTQ_LAB_B1_MINBLOCKS 4  // many blocks of 8 warps per SM (4: at most 64 registers)
 #endif
@@ -138,8 +169,11 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
   // Slabs of one tile group run side by side: all but the first read W from L2.
   const int tiles = (N + 15) / 16, tile0 = blockIdx.y * NT, m_base = blockIdx.x * 8 * MT;
   const int chunks = K / 64, stages = (chunks + U - 1) / U;
-  const int c_begin = warp * stages / warps * U;    // whole stages: a stage shares one group
-  const int c_end = min(chunks, (warp + 1) * stages / warps * U);
+  // The warps of all gridDim.z blocks of a cluster split K (gridDim.z is 1 without clusters).
+  const int parts = GPTQ_LAB_CLUSTER_SPLIT ? warps * gridDim.z : warps;
+  const int part = GPTQ_LAB_CLUSTER_SPLIT ? blockIdx.z * warps + warp : warp;
+  const int c_begin = part * stages / parts * U;    // whole stages: a stage shares one group
+  const int c_end = min(chunks, (part + 1) * stages / parts * U);
 
   char* mine = reinterpret_cast<char*>(ring) + warp * ring_bytes<NT, U>();
   uint4 (*wslot)[U][NT][32] = reinterpret_cast<uint4 (*)[U][NT][32]>(mine);
@@ -292,13 +326,26 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
       red[warp][mt * 8 + 2 * t + 1][nt * 16 + g + 8] = acc[mt][nt][3];
     }
   __syncthreads();
+  const bool split = GPTQ_LAB_CLUSTER_SPLIT && gridDim.z > 1;   // (the same for every block)
   for (int i = threadIdx.x; i < MT * 8 * NT * 16; i += blockDim.x) {
     const int m = i / (NT * 16), nn = i % (NT * 16);
     float sum = 0.f;
     for (int w = 0; w < warps; ++w) sum += red[w][m][nn];
     const int gm = m_base + m, gn = tile0 * 16 + nn;
-    if (gm < M && gn < N) y[(size_t)gm * N + gn] = Dtype<T>::from_float(sum);
+    if (split) red[0][m][nn] = sum;                 // (only this thread reads index i)
+    else if (gm < M && gn < N) y[(size_t)gm * N + gn] = Dtype<T>::from_float(sum);
   }
+  if (!split) return;
+  cluster_sync();                                   // every block's sums are in its red[0]
+  if (cluster_rank() == 0)
+    for (int i = threadIdx.x; i < MT * 8 * NT * 16; i += blockDim.x) {
+      const int m = i / (NT * 16), nn = i % (NT * 16);
+      float sum = red[0][m][nn];
+      for (uint32_t r = 1; r < gridDim.z; ++r) sum += load_peer(&red[0][m][nn], r);
+      const int gm = m_base + m, gn = tile0 * 16 + nn;
+      if (gm < M && gn < N) y[(size_t)gm * N + gn] = Dtype<T>::from_float(sum);
+    }
+  cluster_sync();                                   // the peers' shared memory outlives the reads
 }
 
 }  // namespace
