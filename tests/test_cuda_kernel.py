@@ -93,9 +93,11 @@ def test_dequant_store_variants_compile(tmp_path, store):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
-def test_cluster_split_variant_compiles_without_spills(tmp_path):
-    """K split across the blocks of a cluster (GPTQ_LAB_CLUSTER_SPLIT=1, not yet the default)."""
-    log = nvcc(tmp_path, *cuda_ops.ARCH_FLAGS, "-DGPTQ_LAB_CLUSTER_SPLIT=1")
+@pytest.mark.parametrize("define", ["GPTQ_LAB_CLUSTER_SPLIT=1", "GPTQ_LAB_XRING=1"])
+def test_untimed_variants_compile_without_spills(tmp_path, define):
+    """Variants not yet measured, so not the default: K split across the blocks of a cluster;
+    x copied into the ring with the weights at batch 9-16."""
+    log = nvcc(tmp_path, *cuda_ops.ARCH_FLAGS, f"-D{define}")
     spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", log)]
     assert len(spills) == 36 and max(spills) == 0, log
 
@@ -177,6 +179,23 @@ def test_gpu_cluster_split_matches_reference():
         with pytest.raises(RuntimeError, match="GPTQ_LAB_CLUSTER_SPLIT"):
             cuda_ops._build().int4_decode(kernel_input(x, p), p.qweight, p.meta, p.group_size, n,
                                           0, 0, 2)
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_x_in_ring_matches_reference():
+    """The GPTQ_LAB_XRING=1 build (a second extension): batch 9-16 kernels with x copied into the
+    ring, every tiles-per-block and warp count, a short last chunk range included."""
+    ext = cuda_ops._build(tuple(cuda_ops.ARCH_FLAGS), ("GPTQ_LAB_XRING=1",))
+    for n, k, group_size in ((200, 320, 64), (4096, 1024, 128), (1000, 576, -1)):
+        layer = make_layer(n, k, 4, group_size, sym=False, device="cuda")
+        p = prepare(*layer, 4, torch.float16)
+        for m in (9, 16, 40):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            ref = x.double() @ dequantize_gptq(*layer, 4).double()
+            for warps, nt in ((0, 0), (1, 1), (8, 2), (3, 4)):
+                y = ext.int4_decode(kernel_input(x, p), p.qweight, p.meta, p.group_size, n, warps, nt)
+                assert rel_err(y, ref) < TOL[torch.float16], f"n={n} k={k} m={m} warps={warps} nt={nt}"
 
 
 @cuda

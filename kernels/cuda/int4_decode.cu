@@ -64,9 +64,9 @@ cudaError_t launch_dependent(void (*kernel)(Params...), bool pdl, bool cluster, 
 }
 
 // Dynamic shared memory of a block of `warps` warps: the rings, and with XS x (batch row 0).
-template <int NT, int U, bool XS>
+template <int MT, int NT, int U, bool XS>
 size_t block_smem(int warps, int K) {
-  return (size_t)warps * ring_bytes<NT, U>() + (XS ? 2 * (size_t)K : 0);
+  return (size_t)warps * ring_bytes<MT, NT, U, XS>() + (XS ? 2 * (size_t)K : 0);
 }
 
 constexpr int kWarpOptions[4] = {8, 4, 2, 1};
@@ -89,7 +89,7 @@ cudaError_t blocks_per_sm(int K, const Device& dev, const int** out) {
   Fit f;
   f.K = key;
   for (int i = 0; i < 4 && err == cudaSuccess; ++i) {
-    const size_t smem = block_smem<NT, U, XS>(kWarpOptions[i], K);
+    const size_t smem = block_smem<MT, NT, U, XS>(kWarpOptions[i], K);
     if (smem <= (size_t)dev.smem_optin)
       err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&f.blocks[i], kernel,
                                                           kWarpOptions[i] * 32, smem);
@@ -154,7 +154,7 @@ cudaError_t launch_tiles(const T* x, const uint4* qw, const uint2* meta, T* y, i
   const int groups = (N + 16 * NT - 1) / (16 * NT), slabs = (M + 8 * MT - 1) / (8 * MT);
   return launch_dependent(int4_decode_kernel<T, MT, NT, U, XS>, dev.pdl, p.splits > 1,
                           dim3(slabs, groups, p.splits), dim3(p.warps * 32),
-                          block_smem<NT, U, XS>(p.warps, K), stream, x, qw, meta, y, M, N, K,
+                          block_smem<MT, NT, U, XS>(p.warps, K), stream, x, qw, meta, y, M, N, K,
                           group_chunks);
 }
 
