@@ -248,10 +248,14 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
 
-  if constexpr (XR) {                               // prologue: the first kStages - 1 stages,
-#pragma unroll                                      // their weights in one group, as x must
-    for (int s = 0; s < kStages - 1; ++s) issue_w(s);   // wait (one group more in flight: the
-    cp_async_commit();                              // wait count below still holds)
+  // Prologue: the first kStages - 1 stages. With XR their x (maybe the previous kernel's output)
+  // is copied after the dependency wait, a group per stage, and their weights before it, in one
+  // group: stage j's copies are then all in the oldest j + 2 groups, which is what the loop's
+  // cp_async_wait<kStages - 1> waits for, as without XR.
+  if constexpr (XR) {
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) issue_w(s);
+    cp_async_commit();
   } else {
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) issue(s);
