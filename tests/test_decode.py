@@ -134,6 +134,24 @@ def load_benchmark(name: str, monkeypatch, out_dir: Path):
     return bench
 
 
+def test_run_notebook_keeps_the_executed_copy_even_when_a_cell_fails(monkeypatch, tmp_path, capsys):
+    """benchmarks/run_notebook.py (GPU runs of a tutorial): outputs kept, the error reported."""
+    import nbformat
+    runner = load_benchmark("run_notebook", monkeypatch, tmp_path)
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)"),
+                                         nbformat.v4.new_code_cell("1 / 0"),
+                                         nbformat.v4.new_code_cell("print('not reached')")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    src = tmp_path / "nb" / "tiny.ipynb"
+    src.parent.mkdir()
+    nbformat.write(nb, src)
+    assert runner.main([str(src), "--suffix", "test", "--timeout", "120"]) == 1
+    done = nbformat.read(tmp_path / "tiny_test.ipynb", as_version=4)
+    assert runner.text_outputs(done)[:2] == ["42\n", "ZeroDivisionError: division by zero"]
+    assert "not reached" not in capsys.readouterr().out
+    assert not [f for f in tmp_path.iterdir() if ".tmp-" in f.name]     # (atomic write)
+
+
 def test_benchmark_smoke_run_on_cpu(monkeypatch, tmp_path):
     bench = load_benchmark("decode", monkeypatch, tmp_path)
     text = bench.main(["--tiny", "--device", "cpu"])

@@ -1,0 +1,58 @@
+"""Execute a tutorial notebook in a real Jupyter kernel and keep the executed copy.
+
+    python benchmarks/run_notebook.py notebooks/06_decode_speed.ipynb       # -> $OUT or results/
+    python benchmarks/run_notebook.py notebooks/06_decode_speed.ipynb --suffix h100 --timeout 1800
+
+For figures that only a GPU gives (notebook 06's decode speed): the notebooks in the repository
+keep their CPU outputs, which nbval compares in CI; the GPU run's copy goes to
+``$OUT/<name>_<suffix>.ipynb`` (``benchmarks/results/`` when OUT is unset), written even when a
+cell fails, with the error in it. The code cells' text outputs are printed too. Needs nbclient
+and ipykernel (the ``lab`` extra).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def text_outputs(nb) -> list[str]:
+    """Each code cell's stream, result and error text, in order."""
+    out = []
+    for cell in nb.cells:
+        for o in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            out.append(o.get("text") or o.get("data", {}).get("text/plain", "")
+                       or f"{o.get('ename', '')}: {o.get('evalue', '')}")
+    return out
+
+
+def main(argv=None) -> int:
+    import nbclient
+    import nbformat
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("notebook", type=Path)
+    ap.add_argument("--suffix", default="gpu", help="appended to the executed copy's name")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    args = ap.parse_args(argv)
+    nb = nbformat.read(args.notebook, as_version=4)
+    dest = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    dest = dest / f"{args.notebook.stem}_{args.suffix}.ipynb"
+    t0, failed = time.perf_counter(), None
+    try:
+        nbclient.NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
+                                resources={"metadata": {"path": str(args.notebook.parent)}}).execute()
+    except Exception as e:  # noqa: BLE001 -- keep the partial notebook, report, exit non-zero
+        failed = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
+    finally:
+        from gptq_lab.atomic import atomic_write_text
+        atomic_write_text(dest, nbformat.writes(nb))
+    print("\n".join(text_outputs(nb)))
+    print(f"{args.notebook} executed in {time.perf_counter() - t0:.0f} s -> {dest}"
+          + (f"; FAILED: {failed}" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
