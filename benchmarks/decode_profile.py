@@ -3,6 +3,7 @@
     python benchmarks/decode_profile.py                          # 7B shape, int4: CUDA kernel, fused
     python benchmarks/decode_profile.py --kernels default        # int4 on the Triton kernels only
     python benchmarks/decode_profile.py --eager                  # the uncompiled step (one kernel per op)
+    python benchmarks/decode_profile.py --eager --batch 32       # 32 sequences a step
     python benchmarks/decode_profile.py --tiny --device cpu      # smoke run (CPU op times)
 
 The models are built as in benchmarks/decode.py (random fp16 Llama, RTN 4-bit g128 checkpoint
@@ -12,8 +13,8 @@ runs it uncompiled): after a ``--prompt``-token prefill and one warm-up pass (co
 capture, kernel tuning), ``--steps`` greedy steps are profiled with ``torch.profiler`` (kernels
 replayed from a CUDA graph are reported one by one) and, separately, timed without the profiler.
 Kernels are grouped by name into int4 matmul (our Triton and CUDA kernels), float matmul (cuBLAS
-/ aten mm), attention, and everything else. Per group: device milliseconds per token and share
-of the kernels' time; then the kernels' total against the step's wall time (the difference is
+/ aten mm), attention, and everything else. Per group: device milliseconds per decode step (one
+token per sequence; ``--batch`` sequences) and share of the kernels' time; then the kernels' total against the step's wall time (the difference is
 time the GPU sat between kernels: launch gaps, host work). The busiest kernels follow each table.
 Output goes to stdout and to $OUT/decode_profile.txt when OUT is set.
 """
@@ -45,18 +46,19 @@ def group_of(name: str) -> str:
 
 
 def profile_steps(model: torch.nn.Module, prompt: int, steps: int, device: torch.device,
-                  compiled: bool) -> tuple[dict, float, list, list]:
-    """({group: device ms per token}, wall ms per token, [(ms per token, calls per token, name)]
+                  compiled: bool, batch: int = 1) -> tuple[dict, float, list, list]:
+    """({group: device ms per step}, wall ms per step, [(ms per step, calls per step, name)]
     of the busiest kernels, the same for the ops with the most host (CPU) self time) over
-    ``steps`` decode steps at batch 1 after a ``prompt`` prefill."""
+    ``steps`` decode steps of ``batch`` sequences after a ``prompt`` prefill (a step makes one
+    token per sequence)."""
     from torch.profiler import ProfilerActivity, profile
     greedy = StaticGreedy(model, compile=compiled)
-    ids = torch.randint(0, model.config.vocab_size, (1, prompt),
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt),
                         generator=torch.Generator().manual_seed(0)).to(device)
     positions = torch.arange(prompt, prompt + steps, device=device)
 
     def decode(record=None) -> float:
-        cache = greedy.cache(1, prompt + steps + 1)
+        cache = greedy.cache(batch, prompt + steps + 1)
         token = greedy.prefill(ids, cache)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
         sync(device)
@@ -96,17 +98,17 @@ def profile_steps(model: torch.nn.Module, prompt: int, steps: int, device: torch
 
 def table(rows: dict[str, tuple[dict, float, list]], header: str, path: str) -> str:
     names = [g for g, _ in GROUPS] + ["other"]
-    lines = [header, "", "| model | " + " | ".join(f"{g} ms/token" for g in names)
-             + f" | kernels ms/token | wall ms/token ({path}) |", "|---" * (len(names) + 3) + "|"]
+    lines = [header, "", "| model | " + " | ".join(f"{g} ms/step" for g in names)
+             + f" | kernels ms/step | wall ms/step ({path}) |", "|---" * (len(names) + 3) + "|"]
     for label, (groups, wall, *_) in rows.items():
         total = sum(groups.values())
         cells = [f"{groups.get(g, 0.0):.3f} ({100 * groups.get(g, 0.0) / total:.0f}%)" if total else "-"
                  for g in names]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {total:.3f} | {wall:.3f} |")
     for label, (_, _, top, host) in rows.items():
-        lines += ["", f"Busiest kernels, {label}: ms/token, calls/token, name"]
+        lines += ["", f"Busiest kernels, {label}: ms/step, calls/step, name"]
         lines += [f"  {ms:7.3f}  {calls:5.1f}  {name[:110]}" for ms, calls, name in top]
-        lines += ["", f"Most host (CPU) self time, {label}: ms/token, calls/token, op"]
+        lines += ["", f"Most host (CPU) self time, {label}: ms/step, calls/step, op"]
         lines += [f"  {ms:7.3f}  {calls:5.1f}  {name[:110]}" for ms, calls, name in host]
     return "\n".join(lines)
 
@@ -121,6 +123,7 @@ def main(argv=None) -> str:
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 32; tiny 4)")
     ap.add_argument("--steps", type=int, default=None, help="profiled decode steps (default 16; tiny 2)")
     ap.add_argument("--eager", action="store_true", help="profile the uncompiled step (default on CPU)")
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded per step")
     args = ap.parse_args(argv)
     shape = "tiny" if args.tiny else args.shape
     prompt = args.prompt or (4 if args.tiny else 32)
@@ -130,15 +133,15 @@ def main(argv=None) -> str:
     path = "compiled, CUDA graphs" if compiled else "uncompiled"
     rows = {}
     model = random_llama(shape, device)
-    rows["fp16"] = profile_steps(model, prompt, steps, device, compiled)
+    rows["fp16"] = profile_steps(model, prompt, steps, device, compiled, args.batch)
     with tempfile.TemporaryDirectory(prefix="gptq_lab_profile_") as tmp:
         make_checkpoint(model, Path(tmp) / "ckpt")
         del model
         free()
         model = load_int4(Path(tmp) / "ckpt", device, args.kernels)
-    rows[f"int4 ({args.kernels})"] = profile_steps(model, prompt, steps, device, compiled)
+    rows[f"int4 ({args.kernels})"] = profile_steps(model, prompt, steps, device, compiled, args.batch)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (aten op times)"
-    text = table(rows, f"Decode step profile, {shape} shape, batch 1, {prompt}-token prompt, {steps} steps "
+    text = table(rows, f"Decode step profile, {shape} shape, batch {args.batch}, {prompt}-token prompt, {steps} steps "
                        f"averaged, {path}, on {card}; torch {torch.__version__}", path)
     emit(text, "decode_profile.txt")
     return text
