@@ -14,8 +14,9 @@ capture, kernel tuning), ``--steps`` greedy steps are profiled with ``torch.prof
 replayed from a CUDA graph are reported one by one) and, separately, timed without the profiler.
 Kernels are grouped by name into int4 matmul (our Triton and CUDA kernels), float matmul (cuBLAS
 / aten mm), attention, and everything else. Per group: device milliseconds per decode step (one
-token per sequence; ``--batch`` sequences) and share of the kernels' time; then the kernels' total against the step's wall time (the difference is
-time the GPU sat between kernels: launch gaps, host work). The busiest kernels follow each table.
+token per sequence; ``--batch`` sequences) and share of the kernels' time; then the kernels'
+total against the step's wall time (the difference is time the GPU sat between kernels: launch
+gaps, host work). The busiest kernels and the ops with the most host time follow each table.
 Output goes to stdout and to $OUT/decode_profile.txt when OUT is set.
 """
 from __future__ import annotations
