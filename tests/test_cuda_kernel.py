@@ -2,8 +2,9 @@
 
 CPU: the repacking (pure torch: the packed layout read back the way the kernel reads it gives
 the reference weight), and the sources compile with nvcc for sm_80 and sm_90 with no register
-spills. GPU (marked ``gpu``): a sweep of shapes, batch 1 to 64, group sizes, act-order,
-sym/asym and both dtypes; the dispatcher's choice; torch.compile.
+spills (the default build and the variants not yet measured). GPU (marked ``gpu``): a sweep of
+shapes, batch 1 to 64, group sizes, act-order, sym/asym and both dtypes; the dispatcher's
+choice; torch.compile; the variants, each built as a second extension.
 """
 from __future__ import annotations
 
