@@ -95,7 +95,6 @@ def measure(model, shape: str, dtype: str, paths: list[str], settings: DecodeSet
             figures = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
         log(f"{shape} {dtype} {path}: {time.perf_counter() - t0:.0f}s {figures}")   # kept if a later row dies
         rows.append({"shape": shape, "path": path, "dtype": dtype, **figures})
-        torch._dynamo.reset()
     return rows
 
 

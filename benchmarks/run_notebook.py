@@ -44,7 +44,8 @@ def main(argv=None) -> int:
         nbclient.NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
                                 resources={"metadata": {"path": str(args.notebook.parent)}}).execute()
     except Exception as e:  # noqa: BLE001 -- keep the partial notebook, report, exit non-zero
-        failed = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
+        last = (str(e).strip().splitlines() or [""])[-1]
+        failed = f"{type(e).__name__}: {last[:300]}"
     finally:
         from gptq_lab.atomic import atomic_write_text
         atomic_write_text(dest, nbformat.writes(nb))

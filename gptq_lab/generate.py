@@ -226,7 +226,10 @@ def measure_decode(model: nn.Module, path: str, settings: DecodeSettings | None 
                    progress: Callable[[str], None] | None = None) -> dict[str, float]:
     """Decode and prefill tokens/s of ``model`` on ``path`` ("eager": transformers' generate;
     "fast": StaticGreedy) and its memory: weights GB (parameters and buffers) and peak GB (the
-    device's peak allocation during the runs; NaN on CPU). Keys: ``figure_names(settings)``."""
+    device's peak allocation during the runs; NaN on CPU). Keys: ``figure_names(settings)``.
+    A compiled fast path ends with ``torch._dynamo.reset()``: each call compiles the same step
+    function anew, and past dynamo's recompile limit later models would silently run
+    uncompiled (other compiled code of the session recompiles on its next call)."""
     if path not in PATHS:
         raise ValueError(f"path={path!r}; use one of {PATHS}")
     s = settings or DecodeSettings()
@@ -260,6 +263,8 @@ def measure_decode(model: nn.Module, path: str, settings: DecodeSettings | None 
         out[name] = batch * (s.new_tokens - 1) / decode if decode > 0 else float("nan")
         if length == s.long_prompt and batch == 1:
             out[f"prefill p{s.long_prompt}"] = length / first
+    if fast is not None and s.compile:
+        torch._dynamo.reset()
     out["weights GB"] = weight_bytes(model) / 1e9
     out["peak GB"] = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
     return {k: out[k] for k in figure_names(s)}

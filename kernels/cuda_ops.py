@@ -26,7 +26,7 @@ import torch
 
 from .cuda_pack import PreparedCUDA, kernel_input, prepare
 from .cuda_pack import supports as layer_supports
-from .ops import cached_layout, direct_call, matmul_dequantized
+from .ops import cached_layout, matmul_dequantized, run_op
 
 CUDA_DIR = Path(__file__).parent / "cuda"
 SOURCES = [CUDA_DIR / n for n in ("binding.cpp", "int4_decode.cu", "int4_dequant.cu")]
@@ -86,11 +86,13 @@ def unavailable() -> str | None:
     return None
 
 
-@torch.library.custom_op("gptq_lab::cuda_int4_mm", mutates_args=())
-def cuda_int4_mm(x: torch.Tensor, qweight: torch.Tensor, meta: torch.Tensor, group_size: int,
-                 out_features: int) -> torch.Tensor:
+def _int4_mm(x: torch.Tensor, qweight: torch.Tensor, meta: torch.Tensor, group_size: int,
+             out_features: int) -> torch.Tensor:
     """x [M, K'] (kernel order, K' a multiple of 64, contiguous) -> [M, N] in x's dtype."""
     return _build().int4_decode(x, qweight, meta, group_size, out_features)
+
+
+cuda_int4_mm = torch.library.custom_op("gptq_lab::cuda_int4_mm", _int4_mm, mutates_args=())
 
 
 @cuda_int4_mm.register_fake
@@ -108,8 +110,8 @@ def _kernel_rows(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:
 def cuda_mm(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:
     """x [..., K] fp16/bf16 on CUDA (p.dtype) -> [..., N]."""
     flat = _kernel_rows(x, p)
-    op = _build().int4_decode if direct_call(flat) else torch.ops.gptq_lab.cuda_int4_mm
-    out = op(flat, p.qweight, p.meta, p.group_size, p.out_features)
+    out = run_op(torch.ops.gptq_lab.cuda_int4_mm, _int4_mm, flat, p.qweight, p.meta, p.group_size,
+                 p.out_features)
     return out.reshape(*x.shape[:-1], p.out_features)
 
 

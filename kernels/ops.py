@@ -30,15 +30,24 @@ def direct_call(x: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and not (x.requires_grad and torch.is_grad_enabled())
 
 
-@torch.library.custom_op("gptq_lab::triton_gptq_mm", mutates_args=())
-def triton_gptq_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                   zeros: torch.Tensor, perm: torch.Tensor | None, bits: int, group_size: int,
-                   zero: int, in_features: int, out_features: int) -> torch.Tensor:
+def run_op(op, impl, x: torch.Tensor, *args):
+    """``op(x, *args)`` through torch's dispatcher where it must be seen (torch.compile,
+    autograd), else ``impl(x, *args)``, the op's own implementation, called directly
+    (``direct_call``). Every custom op of gptq_lab.kernels is called this way."""
+    return (impl if direct_call(x) else op)(x, *args)
+
+
+def _triton_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+               zeros: torch.Tensor, perm: torch.Tensor | None, bits: int, group_size: int,
+               zero: int, in_features: int, out_features: int) -> torch.Tensor:
     """x [M, K] fp16/bf16 @ the PreparedGPTQ given field by field -> [M, N] in x's dtype."""
     from .triton_gemm import matmul
     p = PreparedGPTQ(qweight, scales, zeros, perm, bits, group_size, zero, in_features,
                      out_features)
     return matmul(x, p)
+
+
+triton_gptq_mm = torch.library.custom_op("gptq_lab::triton_gptq_mm", _triton_mm, mutates_args=())
 
 
 @triton_gptq_mm.register_fake
@@ -49,13 +58,8 @@ def _(x, qweight, scales, zeros, perm, bits, group_size, zero, in_features, out_
 def gptq_mm(x: torch.Tensor, p: PreparedGPTQ) -> torch.Tensor:
     """x [..., K] fp16/bf16 on CUDA -> [..., N]: the compiled-graph-friendly entry point."""
     flat = x.reshape(-1, p.in_features)
-    if direct_call(flat):
-        from .triton_gemm import matmul
-        out = matmul(flat, p)
-    else:
-        out = torch.ops.gptq_lab.triton_gptq_mm(flat, p.qweight, p.scales, p.zeros, p.perm,
-                                                p.bits, p.group_size, p.zero, p.in_features,
-                                                p.out_features)
+    out = run_op(torch.ops.gptq_lab.triton_gptq_mm, _triton_mm, flat, p.qweight, p.scales,
+                 p.zeros, p.perm, p.bits, p.group_size, p.zero, p.in_features, p.out_features)
     return out.reshape(*x.shape[:-1], p.out_features)
 
 
@@ -86,12 +90,15 @@ def prepared_for(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tens
     return cached_layout(_PREPARED, prepare, qweight, scales, qzeros, g_idx, bits)
 
 
-@torch.library.custom_op("gptq_lab::triton_gptq_matmul", mutates_args=())
-def triton_gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                       qzeros: torch.Tensor, g_idx: torch.Tensor, bits: int) -> torch.Tensor:
+def _triton_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                   qzeros: torch.Tensor, g_idx: torch.Tensor, bits: int) -> torch.Tensor:
     """The checkpoint-format op: x [M, K] @ W -> [M, N] (qzeros hold true zero points)."""
     from .triton_gemm import matmul
     return matmul(x, prepared_for(qweight, scales, qzeros, g_idx, bits))
+
+
+triton_gptq_matmul = torch.library.custom_op("gptq_lab::triton_gptq_matmul", _triton_matmul,
+                                             mutates_args=())
 
 
 @triton_gptq_matmul.register_fake
@@ -104,7 +111,8 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qz
     """``reference.gptq_matmul``'s signature on the Triton kernels (fp16/bf16 x, bits 2/4/8)."""
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [M, K], got shape {list(x.shape)}; flatten leading dims")
-    return torch.ops.gptq_lab.triton_gptq_matmul(x, qweight, scales, qzeros, g_idx, bits)
+    return run_op(torch.ops.gptq_lab.triton_gptq_matmul, _triton_matmul, x, qweight, scales, qzeros,
+                  g_idx, bits)
 
 
 @torch.library.custom_op("gptq_lab::triton_gptq_dequant", mutates_args=())

@@ -34,6 +34,11 @@ def nvcc(tmp_path, *flags: str) -> str:
     return log
 
 
+def spills(log: str) -> list[int]:
+    """Spill-store bytes of every kernel ptxas compiled, from ``nvcc``'s log."""
+    return [int(s) for s in re.findall(r"(\d+) bytes spill stores", log)]
+
+
 # ------------------------------------------------------------------ CPU: repacking
 
 @pytest.mark.parametrize("n,k,group_size,sym,act_order,dtype", [
@@ -80,8 +85,8 @@ def test_sources_compile_for_sm80_and_sm90_without_spills(tmp_path):
     log = nvcc(tmp_path, *cuda_ops.ARCH_FLAGS)
     for arch in ("sm_80", "sm_90"):
         assert f"for '{arch}'" in log
-    spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", log)]
-    assert len(spills) == 36 and max(spills) == 0, log     # 2 archs x 2 dtypes x (8 kernels + dequant)
+    counts = spills(log)
+    assert len(counts) == 36 and max(counts) == 0, log     # 2 archs x 2 dtypes x (8 kernels + dequant)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
@@ -89,8 +94,8 @@ def test_sources_compile_for_sm80_and_sm90_without_spills(tmp_path):
 def test_dequant_store_variants_compile(tmp_path, store):
     """The timing variants of the dequantization's stores (benchmarks/prefill_matmul.py)."""
     log = nvcc(tmp_path, "-gencode=arch=compute_90,code=sm_90", f"-DGPTQ_LAB_DEQUANT_STORE={store}")
-    spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", log)]
-    assert len(spills) == 18 and max(spills) == 0
+    counts = spills(log)
+    assert len(counts) == 18 and max(counts) == 0
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
@@ -99,8 +104,8 @@ def test_untimed_variants_compile_without_spills(tmp_path, define):
     """Variants not yet measured, so not the default: K split across the blocks of a cluster;
     x copied into the ring with the weights at batch 9-16."""
     log = nvcc(tmp_path, *cuda_ops.ARCH_FLAGS, f"-D{define}")
-    spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", log)]
-    assert len(spills) == 36 and max(spills) == 0, log
+    counts = spills(log)
+    assert len(counts) == 36 and max(counts) == 0, log
 
 
 def test_process_wide_defines_come_from_the_environment(monkeypatch):

@@ -78,6 +78,22 @@ def test_kernels_are_called_directly_only_in_eager_code_without_autograd():
     assert torch.equal(seen, x)                    # traced: direct_call was False
 
 
+def test_run_op_calls_the_implementation_eagerly_and_the_op_when_compiled():
+    from gptq_lab.kernels.ops import run_op
+    called = []
+
+    def impl(t, k):
+        called.append("impl")
+        return t + k
+
+    x = torch.randn(3)
+    assert torch.equal(run_op(torch.ops.aten.add.Tensor, impl, x, 1.0), x + 1)
+    assert called == ["impl"]
+    compiled = torch.compile(lambda t: run_op(torch.ops.aten.sub.Tensor, impl, t, 1.0),
+                             backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), x - 1) and called == ["impl"]      # the op, not impl
+
+
 def test_unsupported_bits_say_what_to_do():
     with pytest.raises(ValueError, match="bits=3 is not supported"):
         prepare(*make_layer(32, 64, 3, 32, sym=True), 3)

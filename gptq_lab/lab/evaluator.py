@@ -242,10 +242,7 @@ class Evaluator:
         the Triton one, faster decoding on a GPU for the same memory; ``fuse=True``: q/k/v and
         gate/up fused into one matmul each, in place, after which those models cannot be
         saved). Meaningful on a GPU; on a CPU pass small ``DecodeSettings(..., compile=False)``
-        (the defaults time 2048-token prompts). Each timed fast path ends with
-        ``torch._dynamo.reset()``: every model compiles the same step function, and past
-        dynamo's recompile limit later models would silently run uncompiled (other compiled
-        code of the session recompiles on its next call)."""
+        (the defaults time 2048-token prompts)."""
         from ..generate import measure_decode, prepare_model
         rows = []
         for name in models or list(self.models):
@@ -253,8 +250,6 @@ class Evaluator:
             for path in paths:
                 rows.append({"model": name, "path": path,
                              **measure_decode(model, path, settings, progress=progress)})
-                if path == "fast":
-                    torch._dynamo.reset()
         self.decode_speeds = pd.DataFrame(rows).set_index(["model", "path"])
         return self.decode_speeds
 
