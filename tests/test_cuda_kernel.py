@@ -2,9 +2,8 @@
 
 CPU: the repacking (pure torch: the packed layout read back the way the kernel reads it gives
 the reference weight), and the sources compile with nvcc for sm_80 and sm_90 with no register
-spills (the default build and the variants not yet measured). GPU (marked ``gpu``): a sweep of
-shapes, batch 1 to 64, group sizes, act-order, sym/asym and both dtypes; the dispatcher's
-choice; torch.compile; the variants, each built as a second extension.
+spills. GPU (marked ``gpu``): a sweep of shapes, batch 1 to 64, group sizes, act-order,
+sym/asym and both dtypes; the dispatcher's choice; torch.compile.
 """
 from __future__ import annotations
 
@@ -98,19 +97,9 @@ def test_dequant_store_variants_compile(tmp_path, store):
     assert len(counts) == 18 and max(counts) == 0
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
-@pytest.mark.parametrize("define", ["GPTQ_LAB_CLUSTER_SPLIT=1", "GPTQ_LAB_XRING=1"])
-def test_untimed_variants_compile_without_spills(tmp_path, define):
-    """Variants not yet measured, so not the default: K split across the blocks of a cluster;
-    x copied into the ring with the weights at batch 9-16."""
-    log = nvcc(tmp_path, *cuda_ops.ARCH_FLAGS, f"-D{define}")
-    counts = spills(log)
-    assert len(counts) == 36 and max(counts) == 0, log
-
-
 def test_process_wide_defines_come_from_the_environment(monkeypatch):
-    monkeypatch.setenv("GPTQ_LAB_CUDA_DEFINES", "GPTQ_LAB_CLUSTER_SPLIT=1, GPTQ_LAB_STAGES=6")
-    assert cuda_ops.env_defines() == ("GPTQ_LAB_CLUSTER_SPLIT=1", "GPTQ_LAB_STAGES=6")
+    monkeypatch.setenv("GPTQ_LAB_CUDA_DEFINES", "GPTQ_LAB_B1_MINBLOCKS=3, GPTQ_LAB_STAGES=6")
+    assert cuda_ops.env_defines() == ("GPTQ_LAB_B1_MINBLOCKS=3", "GPTQ_LAB_STAGES=6")
     monkeypatch.setenv("GPTQ_LAB_CUDA_DEFINES", "")
     assert cuda_ops.env_defines() == ()
     for bad in ("STAGES=6", "GPTQ_LAB_STAGES", "GPTQ_LAB_X=1;rm"):
@@ -161,47 +150,6 @@ def test_gpu_batch1_large_k_matches_reference(n, k):
     x = torch.randn(1, k, device="cuda", dtype=torch.float16)
     ref = x.double() @ dequantize_gptq(*layer, 4).double()
     assert rel_err(gptq_matmul(x, *layer, 4, backend="cuda"), ref) < TOL[torch.float16]
-
-
-@cuda
-@pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
-                    reason="thread-block clusters need sm_90")
-def test_gpu_cluster_split_matches_reference():
-    """The GPTQ_LAB_CLUSTER_SPLIT=1 build (a second extension): K split across 2-8 blocks of a
-    cluster, forced and as the launcher picks it for small N (fewer tiles than SMs)."""
-    ext = cuda_ops._build(tuple(cuda_ops.ARCH_FLAGS), ("GPTQ_LAB_CLUSTER_SPLIT=1",))
-    for n, k, m in ((200, 1024, 1), (1000, 4096, 3), (4096, 4096, 16), (520, 512, 40)):
-        layer = make_layer(n, k, 4, 128, sym=False, device="cuda")
-        p = prepare(*layer, 4, torch.float16)
-        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-        ref = x.double() @ dequantize_gptq(*layer, 4).double()
-        for splits in (0, 1, 2, 4, 8):
-            if splits > k // 128:                      # (at least one stage per block)
-                continue
-            y = ext.int4_decode(kernel_input(x, p), p.qweight, p.meta, p.group_size, n, 0, 0, splits)
-            assert rel_err(y, ref) < TOL[torch.float16], f"n={n} k={k} m={m} splits={splits}"
-    if "GPTQ_LAB_CLUSTER_SPLIT=1" not in cuda_ops.env_defines():     # the default build refuses
-        with pytest.raises(RuntimeError, match="GPTQ_LAB_CLUSTER_SPLIT"):
-            cuda_ops._build().int4_decode(kernel_input(x, p), p.qweight, p.meta, p.group_size, n,
-                                          0, 0, 2)
-
-
-@cuda
-@pytest.mark.gpu
-def test_gpu_x_in_ring_matches_reference():
-    """The GPTQ_LAB_XRING=1 build (a second extension): batch 9-16 kernels with x copied into the
-    ring, every tiles-per-block and warp count, a short last chunk range included."""
-    ext = cuda_ops._build(tuple(cuda_ops.ARCH_FLAGS), ("GPTQ_LAB_XRING=1",))
-    for n, k, group_size in ((200, 320, 64), (4096, 1024, 128), (1000, 576, -1)):
-        layer = make_layer(n, k, 4, group_size, sym=False, device="cuda")
-        p = prepare(*layer, 4, torch.float16)
-        for m in (9, 16, 40):
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            ref = x.double() @ dequantize_gptq(*layer, 4).double()
-            for warps, nt in ((0, 0), (1, 1), (8, 2), (3, 4)):
-                y = ext.int4_decode(kernel_input(x, p), p.qweight, p.meta, p.group_size, n, warps, nt)
-                assert rel_err(y, ref) < TOL[torch.float16], f"n={n} k={k} m={m} warps={warps} nt={nt}"
 
 
 @cuda

@@ -36,37 +36,27 @@ inline cudaError_t device_info(const Device** out) {
   return err;
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent where enabled, in
-// clusters of grid.z blocks when `cluster` (sm_90).
+// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent where enabled.
 template <typename... Params, typename... Args>
-cudaError_t launch_dependent(void (*kernel)(Params...), bool pdl, bool cluster, dim3 grid,
-                             dim3 block, size_t smem, cudaStream_t stream, Args... args) {
-  cudaLaunchAttribute attr[2];
-  unsigned n = 0;
-  if (pdl) {
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  if (cluster) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = 1;
-    attr[n].val.clusterDim.y = 1;
-    attr[n++].val.clusterDim.z = grid.z;
-  }
+cudaError_t launch_dependent(void (*kernel)(Params...), bool pdl, dim3 grid, dim3 block,
+                             size_t smem, cudaStream_t stream, Args... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   config.attrs = attr;
-  config.numAttrs = n;
+  config.numAttrs = pdl ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
 }
 
 // Dynamic shared memory of a block of `warps` warps: the rings, and with XS x (batch row 0).
-template <int MT, int NT, int U, bool XS>
+template <int NT, int U, bool XS>
 size_t block_smem(int warps, int K) {
-  return (size_t)warps * ring_bytes<MT, NT, U, XS>() + (XS ? 2 * (size_t)K : 0);
+  return (size_t)warps * ring_bytes<NT, U>() + (XS ? 2 * (size_t)K : 0);
 }
 
 constexpr int kWarpOptions[4] = {8, 4, 2, 1};
@@ -89,7 +79,7 @@ cudaError_t blocks_per_sm(int K, const Device& dev, const int** out) {
   Fit f;
   f.K = key;
   for (int i = 0; i < 4 && err == cudaSuccess; ++i) {
-    const size_t smem = block_smem<MT, NT, U, XS>(kWarpOptions[i], K);
+    const size_t smem = block_smem<NT, U, XS>(kWarpOptions[i], K);
     if (smem <= (size_t)dev.smem_optin)
       err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&f.blocks[i], kernel,
                                                           kWarpOptions[i] * 32, smem);
@@ -102,22 +92,12 @@ cudaError_t blocks_per_sm(int K, const Device& dev, const int** out) {
   return cudaSuccess;
 }
 
-// A launch's shape: warps per block, blocks per cluster splitting K (grid z), and its estimated
-// time (waves x stages per warp, where a wave is as many blocks as the GPU holds at once).
-struct Plan { int warps = 1, splits = 1; long long waves = 0; double cost = 1e30; };
+// A launch's shape: warps per block and its estimated time (waves x stages per warp, where a
+// wave is as many blocks as the GPU holds at once).
+struct Plan { int warps = 1; long long waves = 0; double cost = 1e30; };
 
-// Tuning overrides (0: the launcher chooses): warps per block (1..8), tiles per block (1, 2, 4),
-// blocks per cluster splitting K (1, 2, 4, 8; builds with GPTQ_LAB_CLUSTER_SPLIT on sm_90 only).
-struct Forced { int warps = 0, nt = 0, splits = 0; };
-
-// Clusters of `splits` blocks split K where the tiles alone leave SMs without a block (small N):
-// the fewest that give every SM one, at most 8, each warp keeping at least one stage.
-inline int cluster_splits(long long blocks, int stages, const Device& dev) {
-  int s = 1;
-  if (GPTQ_LAB_CLUSTER_SPLIT && dev.major >= 9)
-    while (s < 8 && blocks * s < dev.sms && 2 * s <= stages) s *= 2;
-  return s;
-}
+// Tuning overrides (0: the launcher chooses): warps per block (1..8), tiles per block (1, 2, 4).
+struct Forced { int warps = 0, nt = 0; };
 
 // The warps per block (8, 4, 2 or 1, splitting K) with the least estimated time; ties go to fewer
 // waves (a second, mostly idle wave costs a whole one).
@@ -127,19 +107,14 @@ cudaError_t plan(int M, int N, int K, const Forced& forced, const Device& dev, P
   const cudaError_t err = blocks_per_sm<T, MT, NT, U, XS>(K, dev, &fit);
   if (err != cudaSuccess) return err;
   const long long groups = (N + 16 * NT - 1) / (16 * NT), slabs = (M + 8 * MT - 1) / (8 * MT);
+  const long long blocks = groups * slabs;
   const int stages = (K / 64 + U - 1) / U;
   Plan best;
-  best.splits = forced.splits > 0 ? forced.splits : cluster_splits(groups * slabs, stages, dev);
-  if (best.splits > 1 && (!GPTQ_LAB_CLUSTER_SPLIT || dev.major < 9 || best.splits > 8 ||
-                          best.splits > stages))
-    return cudaErrorNotSupported;
-  const long long blocks = groups * slabs * best.splits;
-  const int block_stages = (stages + best.splits - 1) / best.splits;
   for (int i = 0; i < 4; ++i) {
     const int w = kWarpOptions[i], per_sm = fit[i];
-    if (w > block_stages || per_sm <= 0) continue;
+    if (w > stages || per_sm <= 0) continue;
     const long long slots = (long long)per_sm * dev.sms, waves = (blocks + slots - 1) / slots;
-    const double cost = (double)waves * ((block_stages + w - 1) / w) + 1e-3 * waves;
+    const double cost = (double)waves * ((stages + w - 1) / w) + 1e-3 * waves;
     if (cost < best.cost) best.cost = cost, best.warps = w, best.waves = waves;
   }
   if (forced.warps > 0) best.warps = forced.warps < kMaxWarps ? forced.warps : kMaxWarps;
@@ -152,10 +127,9 @@ cudaError_t launch_tiles(const T* x, const uint4* qw, const uint2* meta, T* y, i
                          int K, int group_chunks, const Plan& p, const Device& dev,
                          cudaStream_t stream) {
   const int groups = (N + 16 * NT - 1) / (16 * NT), slabs = (M + 8 * MT - 1) / (8 * MT);
-  return launch_dependent(int4_decode_kernel<T, MT, NT, U, XS>, dev.pdl, p.splits > 1,
-                          dim3(slabs, groups, p.splits), dim3(p.warps * 32),
-                          block_smem<MT, NT, U, XS>(p.warps, K), stream, x, qw, meta, y, M, N, K,
-                          group_chunks);
+  return launch_dependent(int4_decode_kernel<T, MT, NT, U, XS>, dev.pdl, dim3(slabs, groups),
+                          dim3(p.warps * 32), block_smem<NT, U, XS>(p.warps, K), stream, x, qw,
+                          meta, y, M, N, K, group_chunks);
 }
 
 // plan, then launch_tiles.
@@ -232,19 +206,17 @@ cudaError_t launch(const void* x, const void* qweight, const void* meta, void* y
 
 // x [M, K] (K a multiple of 64, rows contiguous), y [M, N]; dtype 0 = fp16, 1 = bf16.
 // group_size: kernel rows per group, a multiple of 64 dividing K (K for per-channel).
-// warps: warps per block (1..8), nt: tiles of 16 outputs per block (1, 2, 4), splits: blocks per
-// cluster splitting K (1, 2, 4, 8; builds with GPTQ_LAB_CLUSTER_SPLIT on sm_90, else
-// cudaErrorNotSupported); 0 lets the launcher choose (other values are for tuning).
+// warps: warps per block (1..8), nt: tiles of 16 outputs per block (1, 2, 4); 0 lets the
+// launcher choose (other values are for tuning).
 extern "C" cudaError_t gptq_lab_int4_decode(const void* x, const void* qweight, const void* meta,
                                             void* y, int M, int N, int K, int group_size,
-                                            int warps, int nt, int splits, int dtype,
-                                            cudaStream_t stream) {
+                                            int warps, int nt, int dtype, cudaStream_t stream) {
   if (M <= 0 || N <= 0) return cudaSuccess;
   if (K <= 0 || K % 64 || group_size <= 0 || group_size % 64 || K % group_size ||
       (N + 15) / 16 > 65535)                        // tile groups are the grid's y dimension
     return cudaErrorInvalidValue;
   gptq_lab::Forced forced;
-  forced.warps = warps, forced.nt = nt, forced.splits = splits;
+  forced.warps = warps, forced.nt = nt;
   return dtype == 1
              ? gptq_lab::launch<__nv_bfloat16>(x, qweight, meta, y, M, N, K, group_size, forced,
                                                stream)

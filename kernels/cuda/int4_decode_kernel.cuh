@@ -7,10 +7,9 @@
 // the batch as its 8 columns (two MMAs for batches 9-16). Each block owns 16 output features
 // and one slab of up to 16 batch rows (larger batches: several slabs, scheduled next to each
 // other so that only the first reads the tile's weights from memory, the others from L2);
-// its warps split K and reduce through shared memory (with GPTQ_LAB_CLUSTER_SPLIT, the warps of
-// a cluster of blocks do, and the cluster reduces through distributed shared memory). Weight
-// words are streamed with 16-byte asynchronous copies (cp.async) into a per-warp shared-memory
-// ring, several chunks in flight per warp while the oldest is consumed.
+// its warps split K and reduce through shared memory. Weight words are streamed with 16-byte
+// asynchronous copies (cp.async) into a per-warp shared-memory ring, several chunks in flight
+// per warp while the oldest is consumed.
 #pragma once
 #include "int4_common.cuh"
 
@@ -91,60 +90,23 @@ __device__ __forceinline__ void allow_dependents() {
 #endif
 }
 
-// Thread-block clusters (sm_90): this block's rank, a barrier over all threads of the cluster
-// (release/acquire: shared-memory writes before it are visible to the peers after it), and a
-// load from the same offset of a peer block's shared memory.
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-#endif
-  return r;
-}
-__device__ __forceinline__ void cluster_sync() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.release.aligned;\n"
-               "barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ float load_peer(const float* p, uint32_t rank) {
-  float v = 0.f;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr(p)),
-               "r"(rank));
-  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
-#endif
-  return v;
-}
-
 #ifndef GPTQ_LAB_ABLATE   // timing experiments only (wrong results): 1 = no math, 2 = no x loads,
 #define GPTQ_LAB_ABLATE 0 // 3 = no weight loads
 #endif
 #ifndef GPTQ_LAB_STAGES
 #define GPTQ_LAB_STAGES 4
 #endif
-#ifndef GPTQ_LAB_CLUSTER_SPLIT  // 1: K is also split across the blocks of a thread-block
-#define GPTQ_LAB_CLUSTER_SPLIT 0  // cluster (sm_90, grid z = cluster size), reduced through
-#endif                            // distributed shared memory. Not yet measured: off by default
-#ifndef GPTQ_LAB_XRING  // 1: the batch 9-16 kernels (MT = 2) copy each stage's x into the ring
-#define GPTQ_LAB_XRING 0  // with its weights, instead of loading it from L2 right before its
-#endif                    // MMAs. Not yet measured: off by default
 #ifndef GPTQ_LAB_B1_MINBLOCKS  // the one-tile kernels for batch <= 8 are compiled to fit this
 #define GPTQ_LAB_B1_MINBLOCKS 4  // many blocks of 8 warps per SM (4: at most 64 registers)
 #endif
 constexpr int kB1MinBlocks = GPTQ_LAB_B1_MINBLOCKS;
 constexpr int kMaxWarps = 8;                // warps per block (they split K)
 constexpr int kStages = GPTQ_LAB_STAGES;    // stages per warp's ring (all but 1 in flight)
-// Whether a kernel copies x into its ring (GPTQ_LAB_XRING; the XS kernels have x elsewhere).
-template <int MT, bool XS> __host__ __device__ constexpr bool x_in_ring() {
-  return GPTQ_LAB_XRING && MT == 2 && !XS;
-}
 // Bytes of one warp's ring: kStages stages of U chunks x NT tiles (each lane's 16-byte weight
 // word per chunk and tile) and one 8-byte record per lane and tile (the U chunks of a stage
-// share their group); with x_in_ring, also each lane's two 16-byte x words per chunk and mt.
-template <int MT, int NT, int U, bool XS> __host__ __device__ constexpr int ring_bytes() {
-  return kStages * (NT * 32 * (16 * U + 8) + (x_in_ring<MT, XS>() ? U * MT * 2 * 32 * 16 : 0));
+// share their group).
+template <int NT, int U> __host__ __device__ constexpr int ring_bytes() {
+  return kStages * NT * 32 * (16 * U + 8);
 }
 
 // MT: batch tiles of 8 rows per slab (1 for M <= 8, 2 for M <= 16); NT: tiles of 16 output
@@ -176,39 +138,24 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
   // Slabs of one tile group run side by side: all but the first read W from L2.
   const int tiles = (N + 15) / 16, tile0 = blockIdx.y * NT, m_base = blockIdx.x * 8 * MT;
   const int chunks = K / 64, stages = (chunks + U - 1) / U;
-  // The warps of all gridDim.z blocks of a cluster split K (gridDim.z is 1 without clusters).
-  const int parts = GPTQ_LAB_CLUSTER_SPLIT ? warps * gridDim.z : warps;
-  const int part = GPTQ_LAB_CLUSTER_SPLIT ? blockIdx.z * warps + warp : warp;
-  const int c_begin = part * stages / parts * U;    // whole stages: a stage shares one group
-  const int c_end = min(chunks, (part + 1) * stages / parts * U);
+  const int c_begin = warp * stages / warps * U;    // whole stages: a stage shares one group
+  const int c_end = min(chunks, (warp + 1) * stages / warps * U);
 
-  constexpr bool XR = x_in_ring<MT, XS>();
-  char* mine = reinterpret_cast<char*>(ring) + warp * ring_bytes<MT, NT, U, XS>();
+  char* mine = reinterpret_cast<char*>(ring) + warp * ring_bytes<NT, U>();
   uint4 (*wslot)[U][NT][32] = reinterpret_cast<uint4 (*)[U][NT][32]>(mine);
   uint2 (*mslot)[NT][32] = reinterpret_cast<uint2 (*)[NT][32]>(mine + kStages * U * NT * 32 * 16);
-  uint4 (*xslot)[U][MT][2][32] = reinterpret_cast<uint4 (*)[U][MT][2][32]>(
-      mine + kStages * NT * 32 * (16 * U + 8));     // (XR only)
   // XS: x [K] after all rings (each warp fills its own range). The warp's mbarrier lives in its
   // ring's last stage, which the prologue leaves empty (64 bytes per block less: at K = 8192
   // that is what lets 4 blocks of 8 warps share an H100 SM).
-  uint4* xs = reinterpret_cast<uint4*>(reinterpret_cast<char*>(ring) +
-                                       warps * ring_bytes<MT, NT, U, XS>());
+  uint4* xs = reinterpret_cast<uint4*>(reinterpret_cast<char*>(ring) + warps * ring_bytes<NT, U>());
   uint64_t* xbar = reinterpret_cast<uint64_t*>(&wslot[kStages - 1][0][0][0]);
   if (XS && lane == 0) mbarrier_init(xbar);
   const size_t wstride = (size_t)tiles * 32, mstride = (size_t)tiles * 8;
   const uint4* wsrc = qweight + (size_t)c_begin * wstride + (size_t)tile0 * 32 + lane;
   const uint2* msrc = meta + (size_t)(c_begin / group_chunks) * mstride + (size_t)tile0 * 8 + g;
   const int nt_valid = tiles - tile0 < NT ? tiles - tile0 : NT;   // the last group may be short
-  // Lane (g, t) reads batch row m_base + 8 mt + g; rows past M read row M - 1 instead (their
-  // MMA columns are never stored), so the loads need no zero fill.
-  const uint4* xr[MT];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    const int m = m_base + mt * 8 + g;
-    xr[mt] = reinterpret_cast<const uint4*>(x + (size_t)(m < M ? m : M - 1) * K + 16 * t);
-  }
   int issued = c_begin, issued_in_group = c_begin % group_chunks;
-  auto issue_w = [&](int stage) {                   // the next stage: U chunks and their record
+  auto issue = [&](int stage) {                     // the next stage: U chunks and their record
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       if (GPTQ_LAB_ABLATE == 3 || issued >= c_end || (NT > 1 && nt >= nt_valid)) continue;
@@ -222,24 +169,17 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
     wsrc += U * wstride;
     issued_in_group += U;
     if (issued_in_group == group_chunks) issued_in_group = 0, msrc += mstride;
-  };
-  auto issue_x = [&](int stage, int c) {            // XR: the x words of chunks c .. c + U - 1
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-        if (c + u < c_end) {
-          cp_async16(&xslot[stage][u][mt][0][lane], xr[mt] + (c + u) * 8);
-          cp_async16(&xslot[stage][u][mt][1][lane], xr[mt] + (c + u) * 8 + 1);
-        }
-  };
-  auto issue = [&](int stage) {                     // refill a stage: one commit group
-    const int c = issued;
-    issue_w(stage);
-    if constexpr (XR) issue_x(stage, c);
     cp_async_commit();
   };
 
+  // Lane (g, t) reads batch row m_base + 8 mt + g; rows past M read row M - 1 instead (their
+  // MMA columns are never stored), so the loads need no zero fill.
+  const uint4* xr[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int m = m_base + mt * 8 + g;
+    xr[mt] = reinterpret_cast<const uint4*>(x + (size_t)(m < M ? m : M - 1) * K + 16 * t);
+  }
   float acc[MT][NT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -248,27 +188,10 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
 
-  // Prologue: the first kStages - 1 stages. With XR their x (maybe the previous kernel's output)
-  // is copied after the dependency wait, a group per stage, and their weights before it, in one
-  // group: stage j's copies are then all in the oldest j + 2 groups, which is what the loop's
-  // cp_async_wait<kStages - 1> waits for, as without XR.
-  if constexpr (XR) {
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) issue_w(s);
-    cp_async_commit();
-  } else {
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) issue(s);
-  }
+  for (int s = 0; s < kStages - 1; ++s) issue(s);  // prologue: the first kStages - 1 stages
   grid_dependency_wait();                           // x and y may belong to the previous kernel
   allow_dependents();
-  if constexpr (XR) {
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      issue_x(s, c_begin + s * U);
-      cp_async_commit();
-    }
-  }
   if constexpr (XS) {                               // this warp's K range of x (batch row 0)
     __syncwarp();                                   // (the barrier's initialization)
     if (lane == 0)
@@ -281,31 +204,24 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
   auto step = [&](int s, int cs) {                  // consume stage s (chunks cs ..), refill the
     issue(s == 0 ? kStages - 1 : s - 1);            // stage consumed before it
     uint4 xv[U][MT][2];                             // B fragments of the U chunks
-    auto load_x = [&]() {
 #pragma unroll
-      for (int u = 0; u < U; ++u)
+    for (int u = 0; u < U; ++u)
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          if (GPTQ_LAB_ABLATE == 2) {
-            xv[u][mt][0] = xv[u][mt][1] = make_uint4(cs, cs, cs, cs);
-            continue;
-          }
-          if (u > 0 && cs + u >= c_end) continue;   // (an odd chunk count: nothing to read)
-          if constexpr (XS) {                       // every lane reads row 0 (see xr)
-            xv[u][mt][0] = xs[(cs + u) * 8 + 2 * t];
-            xv[u][mt][1] = xs[(cs + u) * 8 + 2 * t + 1];
-          } else if constexpr (XR) {
-            xv[u][mt][0] = xslot[s][u][mt][0][lane];
-            xv[u][mt][1] = xslot[s][u][mt][1][lane];
-          } else {
-            xv[u][mt][0] = __ldg(xr[mt] + (cs + u) * 8);
-            xv[u][mt][1] = __ldg(xr[mt] + (cs + u) * 8 + 1);
-          }
+      for (int mt = 0; mt < MT; ++mt) {
+        if (GPTQ_LAB_ABLATE == 2) {
+          xv[u][mt][0] = xv[u][mt][1] = make_uint4(cs, cs, cs, cs);
+          continue;
         }
-    };
-    if constexpr (!XR) load_x();                    // (from L2: issued before the wait)
+        if (u > 0 && cs + u >= c_end) continue;     // (an odd chunk count: nothing to read)
+        if constexpr (XS) {                         // every lane reads row 0 (see xr)
+          xv[u][mt][0] = xs[(cs + u) * 8 + 2 * t];
+          xv[u][mt][1] = xs[(cs + u) * 8 + 2 * t + 1];
+          continue;
+        }
+        xv[u][mt][0] = __ldg(xr[mt] + (cs + u) * 8);
+        xv[u][mt][1] = __ldg(xr[mt] + (cs + u) * 8 + 1);
+      }
     cp_async_wait<kStages - 1>();                   // this stage has landed (this lane's copies)
-    if constexpr (XR) load_x();
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const uint2 rec = mslot[s][nt][lane];
@@ -362,8 +278,7 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
   cp_async_wait<0>();
   __syncthreads();                                  // the ring becomes the reduction buffer
   float (*red)[MT * 8][NT * 16] = reinterpret_cast<float (*)[MT * 8][NT * 16]>(ring);
-  static_assert(MT * 8 * NT * 16 * 4 <= ring_bytes<MT, NT, U, XS>(),
-                "reduction buffer larger than a ring");
+  static_assert(MT * 8 * NT * 16 * 4 <= ring_bytes<NT, U>(), "reduction buffer larger than a ring");
 
   // C fragment: c0 = C[g][2t], c1 = C[g][2t+1], c2 = C[g+8][2t], c3 = C[g+8][2t+1],
   // rows = output features of the tile, columns = batch rows of the 8-row slab.
@@ -377,26 +292,13 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
       red[warp][mt * 8 + 2 * t + 1][nt * 16 + g + 8] = acc[mt][nt][3];
     }
   __syncthreads();
-  const bool split = GPTQ_LAB_CLUSTER_SPLIT && gridDim.z > 1;   // (the same for every block)
   for (int i = threadIdx.x; i < MT * 8 * NT * 16; i += blockDim.x) {
     const int m = i / (NT * 16), nn = i % (NT * 16);
     float sum = 0.f;
     for (int w = 0; w < warps; ++w) sum += red[w][m][nn];
     const int gm = m_base + m, gn = tile0 * 16 + nn;
-    if (split) red[0][m][nn] = sum;                 // (only this thread reads index i)
-    else if (gm < M && gn < N) y[(size_t)gm * N + gn] = Dtype<T>::from_float(sum);
+    if (gm < M && gn < N) y[(size_t)gm * N + gn] = Dtype<T>::from_float(sum);
   }
-  if (!split) return;
-  cluster_sync();                                   // every block's sums are in its red[0]
-  if (cluster_rank() == 0)
-    for (int i = threadIdx.x; i < MT * 8 * NT * 16; i += blockDim.x) {
-      const int m = i / (NT * 16), nn = i % (NT * 16);
-      float sum = red[0][m][nn];
-      for (uint32_t r = 1; r < gridDim.z; ++r) sum += load_peer(&red[0][m][nn], r);
-      const int gm = m_base + m, gn = tile0 * 16 + nn;
-      if (gm < M && gn < N) y[(size_t)gm * N + gn] = Dtype<T>::from_float(sum);
-    }
-  cluster_sync();                                   // the peers' shared memory outlives the reads
 }
 
 }  // namespace
