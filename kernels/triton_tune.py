@@ -65,8 +65,6 @@ def candidates(m: int, p: PreparedGPTQ, k_rows: int, sms: int) -> list[KernelCon
             add("gemm", 16, bn, 128, 8, 4)
             add("gemm", 16, bn, 128, 4, 4, deq=True)
             add("gemm", 64, bn, 128, 4, 3, swap=False)
-        for bk, stages in ((64, 4), (128, 3)):          # wide tiles: x is re-read per N tile
-            add("gemm", 16, 256, bk, 8, stages, deq=True)
     elif bucket <= 64:
         for bn in (64, 128):
             for bk in (64, 128):
@@ -76,11 +74,6 @@ def candidates(m: int, p: PreparedGPTQ, k_rows: int, sms: int) -> list[KernelCon
             if bucket == 64:
                 for deq in (False, True):
                     add("gemm", 64, bn, 64, 4, 3, deq=deq, swap=False)
-        # Wide weight tiles: every N tile re-reads x from L2, so from 16 rows on x's traffic
-        # (N / bn * M * K * 2 bytes) rivals the weights' unless bn is large.
-        for bk, stages in ((64, 4), (128, 3)):
-            add("gemm", bucket, 256, bk, 8, stages, deq=True)
-            add("gemm", bucket, 128, bk, 4, stages, deq=True)
     else:
         for bm, bn, warps, swap in ((128, 64, 4, True), (256, 64, 4, True), (128, 128, 8, True),
                                     (256, 128, 8, True), (64, 128, 4, False),
@@ -91,15 +84,6 @@ def candidates(m: int, p: PreparedGPTQ, k_rows: int, sms: int) -> list[KernelCon
                 ctas = -(-n // bn) * -(-m // bm)
                 add("gemm", bm, bn, 64, warps, 3, deq=deq, swap=swap,
                     splits=[1] if ctas >= sms else [1, 2])
-        # Wide weight tiles (see above: x re-read per N tile), K split until the grid fills
-        # the SMs; the weights are the MMA's register operand (swap), x streams through smem.
-        for bm, bn, warps in ((64, 256, 8), (128, 256, 8), (128, 128, 4)):
-            if bm > max(bucket, 64):
-                continue
-            ctas = -(-n // bn) * -(-m // bm)
-            fill = sorted({1, max(1, min(-(-k_rows // 64) // 4, -(-sms // ctas)))})
-            for bk, stages in ((64, 4), (128, 3)):
-                add("gemm", bm, bn, bk, warps, stages, deq=True, splits=fill)
     if bucket >= 512:
         raw.append(KernelConfig("dequant"))
     out = [c for c in dict.fromkeys(raw) if check_config(c, p, k_rows) is None]
