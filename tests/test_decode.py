@@ -213,6 +213,20 @@ def test_activation_dtype_is_the_models_float_dtype():
 
 @pytest.mark.gpu
 @cuda
+def test_gpu_evaluator_release_checkpoint_frees_the_checkpoint_layout():
+    pytest.importorskip("plotly")
+    from gptq_lab.lab import Evaluator
+    ev = Evaluator({"int4": quantized_llama().cuda().half()})
+    s = DecodeSettings(prompt=4, long_prompt=8, new_tokens=3, batches=(), repeats=1, warmup=0,
+                       compile=False)
+    kept = ev.decode_speed(paths=("eager",), settings=s, cuda_decode=True)
+    freed = ev.decode_speed(paths=("eager",), settings=s, cuda_decode=True, release_checkpoint=True)
+    assert freed.loc[("int4", "eager"), "weights GB"] < kept.loc[("int4", "eager"), "weights GB"]
+    assert all(q.qweight.numel() == 0 for q in quant_linears(ev.models["int4"]).values())
+
+
+@pytest.mark.gpu
+@cuda
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("cuda_decode,rows,dtype", [
     (False, (1, 16, 300), torch.float16),   # Triton: gemv, tensor-core gemm, dequant + cuBLAS

@@ -235,18 +235,21 @@ class Evaluator:
 
     def decode_speed(self, models: list[str] | None = None, paths=("eager", "fast"),
                      settings=None, progress=None, cuda_decode: bool = False,
-                     fuse: bool = False) -> pd.DataFrame:
+                     fuse: bool = False, release_checkpoint: bool = False) -> pd.DataFrame:
         """Decode and prefill tokens/s, weights and peak GB per model and generation path, by
         ``gptq_lab.generate.measure_decode`` (what benchmarks/decode.py runs). Quantized layers
         are ``prepare``d first (``cuda_decode=True``: with the CUDA decode kernel's layout instead of
         the Triton one, faster decoding on a GPU for the same memory; ``fuse=True``: q/k/v and
         gate/up fused into one matmul each, in place, after which those models cannot be
-        saved). Meaningful on a GPU; on a CPU pass small ``DecodeSettings(..., compile=False)``
+        saved; ``release_checkpoint=True``: the checkpoint-layout tensors are freed, so the
+        weights figure is what a deployed model holds, after which the models cannot be saved
+        either). Meaningful on a GPU; on a CPU pass small ``DecodeSettings(..., compile=False)``
         (the defaults time 2048-token prompts)."""
         from ..generate import measure_decode, prepare_model
         rows = []
         for name in models or list(self.models):
-            model = prepare_model(self.models[name], cuda_decode=cuda_decode, fuse=fuse)
+            model = prepare_model(self.models[name], cuda_decode=cuda_decode, fuse=fuse,
+                                  release_checkpoint=release_checkpoint)
             for path in paths:
                 rows.append({"model": name, "path": path,
                              **measure_decode(model, path, settings, progress=progress)})
