@@ -41,6 +41,14 @@ def _splits(ctas: int, k_tiles: int, sms: int) -> list[int]:
     return sorted(out)
 
 
+# Tensor-core tiles (64 weight columns, block_k=128, the weights as the wgmma's register operand,
+# swap=True) whose wgmmas Triton 3.6 + ptxas issue back to back, waiting once per tile; the
+# block_k=64 tiles the large-batch list had, and most with 128+ columns, wait after every wgmma
+# (ptxas warning C7515), so their dequantization never overlaps the tensor cores.
+# benchmarks/triton_sass.py shows this without a GPU; a CPU test keeps it true. (block_m, warps):
+RS_PIPELINED = ((64, 4), (128, 4), (256, 8))
+
+
 def candidates(m: int, p: PreparedGPTQ, k_rows: int, sms: int) -> list[KernelConfig]:
     """Configurations worth timing for an [m, k_rows] x; each passes ``check_config``."""
     n, bucket = p.out_features, m_bucket(m)
@@ -74,6 +82,7 @@ def candidates(m: int, p: PreparedGPTQ, k_rows: int, sms: int) -> list[KernelCon
             if bucket == 64:
                 for deq in (False, True):
                     add("gemm", 64, bn, 64, 4, 3, deq=deq, swap=False)
+        add("gemm", bucket, 64, 128, 4, 4, deq=True)          # see RS_PIPELINED below
     else:
         for bm, bn, warps, swap in ((128, 64, 4, True), (256, 64, 4, True), (128, 128, 8, True),
                                     (256, 128, 8, True), (64, 128, 4, False),
@@ -84,6 +93,11 @@ def candidates(m: int, p: PreparedGPTQ, k_rows: int, sms: int) -> list[KernelCon
                 ctas = -(-n // bn) * -(-m // bm)
                 add("gemm", bm, bn, 64, warps, 3, deq=deq, swap=swap,
                     splits=[1] if ctas >= sms else [1, 2])
+        for bm, warps in RS_PIPELINED:
+            if bm <= max(bucket, 64):
+                ctas = -(-n // 64) * -(-m // bm)
+                add("gemm", bm, 64, 128, warps, 3, deq=True,
+                    splits=sorted({1, max(1, min(-(-k_rows // 128) // 4, -(-sms // ctas)))}))
     if bucket >= 512:
         raw.append(KernelConfig("dequant"))
     out = [c for c in dict.fromkeys(raw) if check_config(c, p, k_rows) is None]

@@ -274,3 +274,27 @@ if __name__ == "__main__" and sys.argv[1:] == ["--interpreter"]:
     found = run_interpreter_cases()
     print("\n".join(found) or "all interpreter cases passed")
     sys.exit(1 if found else 0)
+
+
+# ------------------------------------------------------------------ offline SASS screen
+
+def test_tuner_tiles_keep_the_wgmma_pipeline_and_the_screen_sees_serialization():
+    """benchmarks/triton_sass.py compiles for sm_90a without a GPU. The tuner's RS_PIPELINED
+    tiles (weights as the wgmma register operand) issue their wgmmas back to back; the older
+    block_k=64 tile is serialized by ptxas (warning C7515), which the screen must report."""
+    import importlib.util
+    from pathlib import Path
+    pytest.importorskip("triton")
+    from gptq_lab.kernels.triton_gemm import KernelConfig
+    from gptq_lab.kernels.triton_tune import RS_PIPELINED
+    path = Path(__file__).parent.parent / "benchmarks" / "triton_sass.py"
+    spec = importlib.util.spec_from_file_location("triton_sass_benchmark", path)
+    screen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(screen)
+    if not Path(screen._tool("ptxas")).exists():
+        pytest.skip("this Triton ships no ptxas")
+    for bm, warps in RS_PIPELINED:
+        r = screen.inspect(KernelConfig("gemm", bm, 64, 128, 1, True, warps, 3, True))
+        assert (r["serialized"], r["waits"], r["HGMMA"], r["spill bytes"]) == (False, 1, 8, 0), (bm, r)
+    r = screen.inspect(KernelConfig("gemm", 128, 64, 64, 1, True, 4, 3, True))
+    assert r["serialized"] and r["waits"] == r["HGMMA"] == 4, r

@@ -1,0 +1,98 @@
+"""What ptxas makes of the Triton tensor-core kernel, without a GPU: registers, shared memory,
+spills, and whether the wgmma pipeline is serialized, per tuner candidate.
+
+    python benchmarks/triton_sass.py --m 256                      # the tuner's M=256 candidates
+    python benchmarks/triton_sass.py --m 16 --k 4096 --n 11008
+    python benchmarks/triton_sass.py --config 128,64,128,4,3      # one tile: bm,bn,bk,warps,stages
+
+Each configuration is compiled for sm_90a by Triton (as on an H100, with the 16-byte alignment
+the runtime sees) and its PTX assembled again by the ptxas Triton ships, whose ``-v`` log says
+"wgmma.mma_async instructions are serialized" (warning C7515) when it must wait for every wgmma
+before issuing the next. Columns: HGMMA = wgmma instructions in the SASS, waits = full waits on
+them ("WARPGROUP.DEPBAR.LE gsb0, 0x0"), serialized = that warning. A serialized loop cannot
+overlap its dequantization with the tensor cores, so such tiles only compete through occupancy.
+This is a screen, not a timing: ``benchmarks/kernels.py`` on a GPU has the last word.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+ARGS = ["x_ptr", "qw_ptr", "s_ptr", "z_ptr", "out_ptr", "M", "N", "K", "stride_xm", "stride_om",
+        "stride_qn", "stride_sg", "group_size", "split_k"]
+TYPES = ["*fp16", "*i32", "*fp16", "*fp16", "*fp16"] + ["i32"] * 9
+ALIGNED = set(ARGS) - {"M", "split_k"}            # what the runtime sees as multiples of 16
+
+
+def _tool(name: str) -> str:
+    import triton
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def inspect(cfg, bits: int = 4, zero: int = 8) -> dict:
+    """Compile ``cfg`` (a gemm ``KernelConfig``) for sm_90a; -> resources and wgmma figures."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from gptq_lab.kernels.triton_gemm import _gemm_kernel, _magic
+    magic, offset = _magic(bits, torch.float16)
+    consts = dict(BITS=bits, ZERO=zero, MAGIC=magic, OFFSET=offset, DEQ_FIRST=cfg.deq_first,
+                  SWAP=cfg.swap, ASM=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                  BLOCK_K=cfg.block_k)
+    signature = dict(zip(ARGS, TYPES)) | {k: "constexpr" for k in consts}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(ARGS) if a in ALIGNED}
+    kernel = triton.compile(ASTSource(_gemm_kernel, signature, constexprs=consts, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 128),
+                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
+        ptx.write_text(kernel.asm["ptx"])
+        log = subprocess.run([_tool("ptxas"), "-v", "--gpu-name", "sm_90a", str(ptx), "-o", str(cubin)],
+                             capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True,
+                              text=True, check=True).stdout
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    return {"regs": int(regs.group(1)) if regs else -1, "smem": kernel.metadata.shared,
+            "spill bytes": int(spills.group(1)) if spills else 0, "HGMMA": sass.count("HGMMA"),
+            "waits": sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0"), "serialized": "C7515" in log}
+
+
+def main(argv=None) -> None:
+    from gptq_lab.kernels.triton_gemm import KernelConfig
+    from gptq_lab.kernels.triton_pack import PreparedGPTQ
+    from gptq_lab.kernels.triton_tune import candidates
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--m", type=int, default=256, help="rows of x (the tuner's bucket of it)")
+    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--config", help="bm,bn,bk,warps,stages[,swap,deq] instead of the candidates")
+    args = ap.parse_args(argv)
+    if args.config:
+        v = [int(s) for s in args.config.split(",")]
+        configs = [KernelConfig("gemm", *v[:3], deq_first=bool(v[6]) if len(v) > 6 else True,
+                                num_warps=v[3], num_stages=v[4], swap=bool(v[5]) if len(v) > 5 else True)]
+    else:
+        empty = torch.empty(0)
+        p = PreparedGPTQ(empty, empty, empty, None, 4, 128, 8, args.k, args.n)
+        configs = list(dict.fromkeys(replace(c, split_k=1)              # (split_k: same code)
+                                     for c in candidates(args.m, p, args.k, 132) if c.kind == "gemm"))
+    print("| block_m | block_n | block_k | warps | stages | swap | deq_first | regs | smem | "
+          "spill bytes | HGMMA | waits | serialized |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for c in configs:
+        r = inspect(c)
+        print(f"| {c.block_m} | {c.block_n} | {c.block_k} | {c.num_warps} | {c.num_stages} | {c.swap} | "
+              f"{c.deq_first} | {r['regs']} | {r['smem']} | {r['spill bytes']} | {r['HGMMA']} | "
+              f"{r['waits']} | {'yes' if r['serialized'] else 'no'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
