@@ -9,8 +9,10 @@ Each configuration is compiled for sm_90a by Triton (as on an H100, with the 16-
 the runtime sees) and its PTX assembled again by the ptxas Triton ships, whose ``-v`` log says
 "wgmma.mma_async instructions are serialized" (warning C7515) when it must wait for every wgmma
 before issuing the next. Columns: HGMMA = wgmma instructions in the SASS, waits = full waits on
-them ("WARPGROUP.DEPBAR.LE gsb0, 0x0"), serialized = that warning. A serialized loop cannot
-overlap its dequantization with the tensor cores, so such tiles only compete through occupancy.
+them ("WARPGROUP.DEPBAR.LE gsb0, 0x0"), loop waits = those inside the K loop (none: the
+wgmmas stay in flight while the next tile is dequantized), serialized = that warning. A
+serialized loop cannot overlap its dequantization with the tensor cores, so such tiles only
+compete through occupancy (other blocks on the SM).
 This is a screen, not a timing: ``benchmarks/kernels.py`` on a GPU has the last word.
 """
 from __future__ import annotations
@@ -58,11 +60,19 @@ def inspect(cfg, bits: int = 4, zero: int = 8) -> dict:
                              capture_output=True, text=True, check=True).stderr
         sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True,
                               text=True, check=True).stdout
+    loop_waits = 0
+    code = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    for address, text in code:                       # a backward branch closes the K loop
+        target = re.search(r"BRA 0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < address:
+            start = int(target.group(1), 16)
+            loop_waits = sum("WARPGROUP.DEPBAR.LE gsb0, 0x0" in t for a, t in code if start <= a <= address)
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores", log)
     return {"regs": int(regs.group(1)) if regs else -1, "smem": kernel.metadata.shared,
             "spill bytes": int(spills.group(1)) if spills else 0, "HGMMA": sass.count("HGMMA"),
-            "waits": sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0"), "serialized": "C7515" in log}
+            "waits": sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0"), "loop waits": loop_waits,
+            "serialized": "C7515" in log}
 
 
 def main(argv=None) -> None:
@@ -85,13 +95,13 @@ def main(argv=None) -> None:
         configs = list(dict.fromkeys(replace(c, split_k=1)              # (split_k: same code)
                                      for c in candidates(args.m, p, args.k, 132) if c.kind == "gemm"))
     print("| block_m | block_n | block_k | warps | stages | swap | deq_first | regs | smem | "
-          "spill bytes | HGMMA | waits | serialized |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "spill bytes | HGMMA | waits | loop waits | serialized |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c in configs:
         r = inspect(c)
         print(f"| {c.block_m} | {c.block_n} | {c.block_k} | {c.num_warps} | {c.num_stages} | {c.swap} | "
               f"{c.deq_first} | {r['regs']} | {r['smem']} | {r['spill bytes']} | {r['HGMMA']} | "
-              f"{r['waits']} | {'yes' if r['serialized'] else 'no'} |", flush=True)
+              f"{r['waits']} | {r['loop waits']} | {'yes' if r['serialized'] else 'no'} |", flush=True)
 
 
 if __name__ == "__main__":

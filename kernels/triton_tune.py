@@ -42,10 +42,11 @@ def _splits(ctas: int, k_tiles: int, sms: int) -> list[int]:
 
 
 # Tensor-core tiles (64 weight columns, block_k=128, the weights as the wgmma's register operand,
-# swap=True) whose wgmmas Triton 3.6 + ptxas issue back to back, waiting once per tile; the
-# block_k=64 tiles the large-batch list had, and most with 128+ columns, wait after every wgmma
-# (ptxas warning C7515), so their dequantization never overlaps the tensor cores.
-# benchmarks/triton_sass.py shows this without a GPU; a CPU test keeps it true. (block_m, warps):
+# swap=True) that Triton 3.6 + ptxas compile without any full wgmma wait inside the K loop: up
+# to 7 wgmmas stay in flight while the next tile is loaded and dequantized. The block_k=64
+# tiles the large-batch list had, and most with 128+ columns, wait after every wgmma (ptxas
+# warning C7515); swap=False tiles wait once per tile. benchmarks/triton_sass.py shows this
+# without a GPU; a CPU test keeps it true. (block_m, warps):
 RS_PIPELINED = ((64, 4), (128, 4), (256, 8))
 
 
