@@ -74,6 +74,8 @@ def candidates(m: int, p: PreparedGPTQ, k_rows: int, sms: int) -> list[KernelCon
             add("gemm", 16, bn, 128, 8, 4)
             add("gemm", 16, bn, 128, 4, 4, deq=True)
             add("gemm", 64, bn, 128, 4, 3, swap=False)
+        add("gemm", 16, 64, 128, 8, 4, deq=True)          # RS_PIPELINED-like, other depths
+        add("gemm", 16, 64, 128, 4, 6, deq=True)
     elif bucket <= 64:
         for bn in (64, 128):
             for bk in (64, 128):
