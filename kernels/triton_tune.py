@@ -66,6 +66,8 @@ def candidates(m: int, p: PreparedGPTQ, k_rows: int, sms: int) -> list[KernelCon
                 for stages in (1, 2, 3):
                     add("gemv", 16, bn, bk, warps, stages)
         add("gemm", 16, 64, 128, 4, 4)
+        for stages in (4, 6):               # no wgmma wait in the K loop: loads stay in flight
+            add("gemm", 16, 64, 128, 4, stages, deq=True)
     elif bucket <= 16:
         for bn in (64, 128, 256):
             for bk in (64, 128):
