@@ -18,18 +18,15 @@ This is a screen, not a timing: ``benchmarks/kernels.py`` on a GPU has the last 
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import re
 import subprocess
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-ARGS = ["x_ptr", "qw_ptr", "s_ptr", "z_ptr", "out_ptr", "M", "N", "K", "stride_xm", "stride_om",
-        "stride_qn", "stride_sg", "group_size", "split_k"]
-TYPES = ["*fp16", "*i32", "*fp16", "*fp16", "*fp16"] + ["i32"] * 9
-ALIGNED = set(ARGS) - {"M", "split_k"}            # what the runtime sees as multiples of 16
+ALIGNED_INTS = {"N", "K", "stride_xm", "stride_om", "stride_qn", "stride_sg", "group_size"}
 
 
 def _tool(name: str) -> str:
@@ -40,19 +37,19 @@ def _tool(name: str) -> str:
 def inspect(cfg, bits: int = 4, zero: int = 8) -> dict:
     """Compile ``cfg`` (a gemm ``KernelConfig``) for sm_90a; -> resources and wgmma figures."""
     import triton
+    from gptq_lab.kernels.triton_gemm import _gemm_kernel, launch_meta
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from gptq_lab.kernels.triton_gemm import _gemm_kernel, _magic
-    magic, offset = _magic(bits, torch.float16)
-    consts = dict(BITS=bits, ZERO=zero, MAGIC=magic, OFFSET=offset, DEQ_FIRST=cfg.deq_first,
-                  SWAP=cfg.swap, ASM=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                  BLOCK_K=cfg.block_k)
-    signature = dict(zip(ARGS, TYPES)) | {k: "constexpr" for k in consts}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(ARGS) if a in ALIGNED}
-    kernel = triton.compile(ASTSource(_gemm_kernel, signature, constexprs=consts, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 128),
-                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    meta = launch_meta(cfg, bits, zero, torch.float16, on_cuda=True)
+    options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
+    args = [a for a in _gemm_kernel.arg_names if a not in meta]      # the runtime arguments
+    signature = {a: ("*i32" if a == "qw_ptr" else "*fp16") if a.endswith("_ptr") else "i32"
+                 for a in args} | {k: "constexpr" for k in meta}
+    # the 16-byte alignment the runtime sees: every pointer, every size but M and split_k
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(args)
+             if a.endswith("_ptr") or a in ALIGNED_INTS}
+    kernel = triton.compile(ASTSource(_gemm_kernel, signature, constexprs=meta, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 128), options=options)
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
         ptx.write_text(kernel.asm["ptx"])

@@ -272,17 +272,25 @@ def _plan(x: torch.Tensor, p: PreparedGPTQ, cfg: KernelConfig):
     zeros = p.zeros if p.zero < 0 else p.scales                          # unused when uniform
     args = (x, p.qweight, p.scales, zeros, out, m, n, k_rows, x.stride(0), out.stride(0),
             p.qweight.stride(0), p.scales.stride(0), p.group_size, cfg.split_k)
-    meta = {"BITS": p.bits, "ZERO": p.zero, "ASM": x.is_cuda, "BLOCK_N": cfg.block_n,
-            "BLOCK_K": cfg.block_k, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    meta = launch_meta(cfg, p.bits, p.zero, x.dtype, x.is_cuda)
     if cfg.kind == "gemv":
-        meta["PREFETCH"] = cfg.num_stages <= 2
-        meta["PREFETCH_L2"] = cfg.num_stages == 2 and x.is_cuda
         return _gemv_kernel, (triton.cdiv(n, cfg.block_n), cfg.split_k, m), args, meta, out
-    magic, offset = _magic(p.bits, x.dtype)
-    meta.update(MAGIC=magic, OFFSET=offset, DEQ_FIRST=cfg.deq_first, SWAP=cfg.swap,
-                BLOCK_M=cfg.block_m)
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), cfg.split_k)
     return _gemm_kernel, grid, args, meta, out
+
+
+def launch_meta(cfg: KernelConfig, bits: int, zero: int, dtype: torch.dtype, on_cuda: bool) -> dict:
+    """The constexpr arguments and launch options of a gemv/gemm ``cfg`` (what Triton
+    specializes on besides the tensors)."""
+    meta = {"BITS": bits, "ZERO": zero, "ASM": on_cuda, "BLOCK_N": cfg.block_n,
+            "BLOCK_K": cfg.block_k, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if cfg.kind == "gemv":
+        meta.update(PREFETCH=cfg.num_stages <= 2, PREFETCH_L2=cfg.num_stages == 2 and on_cuda)
+        return meta
+    magic, offset = _magic(bits, dtype)
+    meta.update(MAGIC=magic, OFFSET=offset, DEQ_FIRST=cfg.deq_first, SWAP=cfg.swap,
+                BLOCK_M=cfg.block_m)
+    return meta
 
 
 # (config, everything Triton specializes on) -> (compiled kernel, constexpr values in order)

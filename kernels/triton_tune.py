@@ -32,12 +32,11 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _splits(ctas: int, k_tiles: int, sms: int) -> list[int]:
-    """split_k values that bring ctas * split near 1x and 2-4x the SM count."""
+def _splits(ctas: int, k_tiles: int, sms: int, waves: tuple[int, ...] = (1, 2, 4)) -> list[int]:
+    """1 and the split_k values that bring ctas * split near ``waves`` times the SM count."""
     out = {1}
-    for target in (sms, 2 * sms, 4 * sms):
-        s = max(1, min(k_tiles // 4, -(-target // ctas)))
-        out.add(s)
+    for w in waves:
+        out.add(max(1, min(k_tiles // 4, -(-w * sms // ctas))))
     return sorted(out)
 
 
@@ -76,7 +75,7 @@ def candidates(m: int, p: PreparedGPTQ, k_rows: int, sms: int) -> list[KernelCon
             add("gemm", 16, bn, 128, 8, 4)
             add("gemm", 16, bn, 128, 4, 4, deq=True)
             add("gemm", 64, bn, 128, 4, 3, swap=False)
-        add("gemm", 16, 64, 128, 8, 4, deq=True)          # RS_PIPELINED-like, other depths
+        add("gemm", 16, 64, 128, 8, 4, deq=True)          # RS_PIPELINED-like (16 rows)
         add("gemm", 16, 64, 128, 4, 6, deq=True)
     elif bucket <= 64:
         for bn in (64, 128):
@@ -87,7 +86,7 @@ def candidates(m: int, p: PreparedGPTQ, k_rows: int, sms: int) -> list[KernelCon
             if bucket == 64:
                 for deq in (False, True):
                     add("gemm", 64, bn, 64, 4, 3, deq=deq, swap=False)
-        add("gemm", bucket, 64, 128, 4, 4, deq=True)          # see RS_PIPELINED below
+        add("gemm", bucket, 64, 128, 4, 4, deq=True)          # an RS_PIPELINED tile
     else:
         for bm, bn, warps, swap in ((128, 64, 4, True), (256, 64, 4, True), (128, 128, 8, True),
                                     (256, 128, 8, True), (64, 128, 4, False),
@@ -102,7 +101,7 @@ def candidates(m: int, p: PreparedGPTQ, k_rows: int, sms: int) -> list[KernelCon
             if bm <= max(bucket, 64):
                 ctas = -(-n // 64) * -(-m // bm)
                 add("gemm", bm, 64, 128, warps, 3, deq=True,
-                    splits=sorted({1, max(1, min(-(-k_rows // 128) // 4, -(-sms // ctas)))}))
+                    splits=_splits(ctas, -(-k_rows // 128), sms, waves=(1,)))
     if bucket >= 512:
         raw.append(KernelConfig("dequant"))
     out = [c for c in dict.fromkeys(raw) if check_config(c, p, k_rows) is None]

@@ -4,13 +4,12 @@ GPU tests (marked ``gpu``) check the Triton paths and torch.compile + CUDA graph
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from benchmark_loader import load_benchmark
 from checkpoint_fixture import tiny_model, token_ids
 from gptq_lab.kernels import ops
 from gptq_lab.kernels.reference import dequantize_unchecked as unpack_dequantize
@@ -114,24 +113,6 @@ def test_released_layer_refuses_to_save(tmp_path):
         layer.dequantize()
 
 
-def load_benchmark(name: str, monkeypatch, out_dir: Path):
-    """benchmarks/<name>.py as a module (benchmarks/ on sys.path: they import each other), with
-    $OUT set to ``out_dir``."""
-    bench_dir = Path(__file__).parent.parent / "benchmarks"
-    monkeypatch.syspath_prepend(str(bench_dir))
-    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", bench_dir / f"{name}.py")
-    bench = importlib.util.module_from_spec(spec)
-    # "kernels" may already name the repository's kernels/ package; the benchmarks mean their own
-    # kernels.py, so it is imported afresh and the previous module put back afterwards.
-    saved = sys.modules.pop("kernels", None)
-    try:
-        spec.loader.exec_module(bench)
-    finally:
-        sys.modules.pop("kernels", None)
-        if saved is not None:
-            sys.modules["kernels"] = saved
-    monkeypatch.setenv("OUT", str(out_dir))
-    return bench
 
 
 def test_run_notebook_keeps_the_executed_copy_even_when_a_cell_fails(monkeypatch, tmp_path, capsys):

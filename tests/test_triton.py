@@ -278,20 +278,18 @@ if __name__ == "__main__" and sys.argv[1:] == ["--interpreter"]:
 
 # ------------------------------------------------------------------ offline SASS screen
 
-def test_tuner_tiles_keep_the_wgmma_pipeline_and_the_screen_sees_serialization():
+def test_tuner_tiles_keep_the_wgmma_pipeline_and_the_screen_sees_serialization(monkeypatch, tmp_path):
     """benchmarks/triton_sass.py compiles for sm_90a without a GPU. The tuner's RS_PIPELINED
     tiles (weights as the wgmma register operand) never wait for all their wgmmas inside the K
     loop; the older block_k=64 tile is serialized by ptxas (warning C7515, a wait after each
     wgmma) and a swap=False tile waits once per tile, which the screen must report."""
-    import importlib.util
     from pathlib import Path
+
+    from benchmark_loader import load_benchmark
     pytest.importorskip("triton")
     from gptq_lab.kernels.triton_gemm import KernelConfig
     from gptq_lab.kernels.triton_tune import RS_PIPELINED
-    path = Path(__file__).parent.parent / "benchmarks" / "triton_sass.py"
-    spec = importlib.util.spec_from_file_location("triton_sass_benchmark", path)
-    screen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(screen)
+    screen = load_benchmark("triton_sass", monkeypatch, tmp_path)
     if not Path(screen._tool("ptxas")).exists():
         pytest.skip("this Triton ships no ptxas")
     for bm, warps in RS_PIPELINED:
