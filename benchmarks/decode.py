@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -120,6 +122,27 @@ def run_shape(shape: str, paths: list[str], device: torch.device, settings: Deco
     return rows
 
 
+def isolated_rows(argv: list[str], shapes: list[str], kernels: list[str], fp16: bool,
+                  int4: bool) -> list[dict]:
+    """Rows of this same command run once per model in a child process: for each shape, fp16
+    alone, then each int4 variant alone (one model per process, as a user runs it)."""
+    base = [a for a in argv if a != "--isolate"]           # later flags below override base's
+    models = ([["--no-int4"]] if fp16 else []) + \
+        ([["--no-fp16", "--kernels", k] for k in kernels] if int4 else [])
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}       # the parent writes the table
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gptq_lab_decode_rows_") as tmp:
+        out = Path(tmp) / "rows.json"
+        for shape in shapes:
+            for model in models:
+                cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--shapes", shape,
+                       *model, "--rows-json", str(out)]
+                log("child process: " + " ".join(cmd[2:]))
+                subprocess.run(cmd, check=True, env=env)
+                rows += json.loads(out.read_text())
+    return rows
+
+
 def table(rows: list[dict], settings: DecodeSettings, header: str) -> str:
     names = figure_names(settings)
     lines = [header, "", "| shape | path | dtype | " + " | ".join(names) + " |",
@@ -165,6 +188,11 @@ def main(argv=None) -> str:
                          "True)), default+fuse and cuda+fuse (also prepare_model(fuse=True))")
     ap.add_argument("--no-compile", action="store_true",
                     help="fast path without torch.compile (default with --tiny on CPU)")
+    ap.add_argument("--isolate", action="store_true",
+                    help="time fp16 and each int4 variant in its own Python process (no compiled "
+                         "state carried from one model to the next)")
+    ap.add_argument("--no-int4", action="store_true", help="only the fp16 rows")
+    ap.add_argument("--rows-json", help=argparse.SUPPRESS)     # --isolate's children write rows here
     args = ap.parse_args(argv)
     shapes = ["tiny"] if args.tiny else args.shapes.split(",")
     paths = args.paths.split(",")
@@ -185,14 +213,22 @@ def main(argv=None) -> str:
     device = torch.device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     rows = []
-    with tempfile.TemporaryDirectory(prefix="gptq_lab_decode_") as tmp:
-        for shape in shapes:
-            rows += run_shape(shape, paths, device, settings, Path(tmp), tuple(kernels),
-                              fp16=not args.no_fp16)
+    if args.isolate:
+        rows = isolated_rows(argv if argv is not None else sys.argv[1:], shapes, kernels,
+                             fp16=not args.no_fp16, int4=not args.no_int4)
+    else:
+        with tempfile.TemporaryDirectory(prefix="gptq_lab_decode_") as tmp:
+            for shape in shapes:
+                rows += run_shape(shape, paths, device, settings, Path(tmp),
+                                  () if args.no_int4 else tuple(kernels), fp16=not args.no_fp16)
+    if args.rows_json:
+        Path(args.rows_json).write_text(json.dumps(rows))
+        return ""
     import transformers
     header = (f"Decode benchmark on {card}: torch {torch.__version__}, transformers "
               f"{transformers.__version__}; int4 = GPTQ checkpoint (RTN, 4-bit g128 sym) via gptq_lab.load; "
-              f"fast path {'compiled (CUDA graphs on GPU)' if settings.compile else 'NOT compiled'}")
+              f"fast path {'compiled (CUDA graphs on GPU)' if settings.compile else 'NOT compiled'}"
+              + ("; each model timed in its own process" if args.isolate else ""))
     text = table(rows, settings, header)
     emit(text, "decode.txt")
     return text

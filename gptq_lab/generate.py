@@ -93,6 +93,19 @@ class _Step(nn.Module):
         return logits[:, -1].argmax(-1, keepdim=True)
 
 
+def compile_mode(mode: str | None, pdl: bool) -> dict:
+    """torch.compile's keyword for ``mode``, as ``options`` when programmatic dependent launch is
+    added (torch.compile takes a mode or options, not both)."""
+    if not pdl:
+        return {"mode": mode}
+    from torch._inductor import list_mode_options
+    return {"options": {**list_mode_options(mode or "default"), "triton.enable_pdl": True}}
+
+
+def _pdl_available(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 class StaticGreedy:
     """Greedy decoding with a static KV cache and a compiled decode step.
 
@@ -102,14 +115,22 @@ class StaticGreedy:
     static and a second one recompiles with those sizes symbolic; CUDA graphs are recorded once
     per shape. Warm up every shape you will time. The first step of each new shape runs
     uncompiled, so kernels tune themselves outside graph capture.
+
+    pdl: inductor launches its own Triton kernels as programmatic dependents
+    (``triton.enable_pdl``), so each kernel's start overlaps the previous one's tail; with the
+    CUDA decode kernel, which lets its dependents start early too, the weights of the next matmul
+    stream while the norms and rotary run. None (default): on for CUDA cards of compute
+    capability 9 and up (Hopper), where the launch attribute exists.
     """
 
     def __init__(self, model: nn.Module, compile: bool = True, mode: str | None = "reduce-overhead",
-                 dynamic: bool | None = None):
+                 dynamic: bool | None = None, pdl: bool | None = None):
         self.model = model
         self.uncompiled = _Step(model)
         self.compiled = compile
-        self.step = (torch.compile(self.uncompiled, fullgraph=True, mode=mode, dynamic=dynamic)
+        self.pdl = _pdl_available(_device(model)) if pdl is None else pdl
+        self.step = (torch.compile(self.uncompiled, fullgraph=True, dynamic=dynamic,
+                                   **compile_mode(mode, self.pdl))
                      if compile else self.uncompiled)
         self._caches: dict[tuple[int, int], object] = {}
 
