@@ -105,6 +105,8 @@ def run_shape(shape: str, paths: list[str], device: torch.device, settings: Deco
     log(f"{shape}: building the fp16 model")
     model = random_llama(shape, device)
     rows = measure(model, shape, "fp16", paths, settings) if fp16 else []
+    if not kernels:                                        # --no-int4
+        return rows
     log(f"{shape}: RTN 4-bit g128 and save")
     ckpt = workdir / f"{shape}-gptq-4bit-g128"
     try:

@@ -152,6 +152,24 @@ def test_benchmark_compares_int4_settings_without_fp16(monkeypatch, tmp_path):
     assert rows == [["fast", "int4"]]
 
 
+def test_benchmark_isolate_times_each_model_in_its_own_process(monkeypatch, tmp_path):
+    bench = load_benchmark("decode", monkeypatch, tmp_path)
+    text = bench.main(["--tiny", "--device", "cpu", "--paths", "fast", "--batches", "none", "--isolate"])
+    assert "each model timed in its own process" in text
+    rows = [line.split(" | ")[1:3] for line in text.splitlines() if line.startswith("| tiny")]
+    assert rows == [["fast", "fp16"], ["fast", "int4"], ["fast", "int4/fp16"]]
+    assert (tmp_path / "decode.txt").read_text() == text + "\n"       # the parent's table only
+
+
+def test_compile_mode_adds_programmatic_dependent_launch_as_options():
+    from gptq_lab.generate import compile_mode
+    assert compile_mode("reduce-overhead", False) == {"mode": "reduce-overhead"}
+    assert compile_mode("reduce-overhead", True) == {
+        "options": {"triton.cudagraphs": True, "triton.enable_pdl": True}}
+    assert compile_mode(None, True) == {"options": {"triton.enable_pdl": True}}
+    assert StaticGreedy(tiny_model("llama"), compile=False).pdl is False      # CPU: never
+
+
 def test_profile_benchmark_smoke_run_on_cpu(monkeypatch, tmp_path):
     bench = load_benchmark("decode_profile", monkeypatch, tmp_path)
     text = bench.main(["--tiny", "--device", "cpu"])
