@@ -4,7 +4,7 @@ spills, and whether the wgmma pipeline is serialized, per tuner candidate.
     python benchmarks/triton_sass.py --m 256                      # the tuner's M=256 candidates
     python benchmarks/triton_sass.py --m 16 --k 4096 --n 11008
     python benchmarks/triton_sass.py --config 128,64,128,4,3      # one tile: bm,bn,bk,warps,stages
-    python benchmarks/triton_sass.py --config 128,128,128,8,3,1,1,1   # ...,swap,deq_first,halves
+    python benchmarks/triton_sass.py --config 128,256,128,8,3,1,1,4   # ...,swap,deq_first,sub_tiles
 
 Each configuration is compiled for sm_90a by Triton (as on an H100, with the 16-byte alignment
 the runtime sees) and its PTX assembled again by the ptxas Triton ships, whose ``-v`` log says
@@ -82,26 +82,27 @@ def main(argv=None) -> None:
     ap.add_argument("--m", type=int, default=256, help="rows of x (the tuner's bucket of it)")
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--n", type=int, default=4096)
-    ap.add_argument("--config", help="bm,bn,bk,warps,stages[,swap,deq,halves] instead of the candidates")
+    ap.add_argument("--config", help="bm,bn,bk,warps,stages[,swap,deq,sub_tiles] instead of the candidates")
     args = ap.parse_args(argv)
     if args.config:
         v = [int(s) for s in args.config.split(",")]
-        flag = {i: bool(v[i]) for i in range(5, len(v))}
-        configs = [KernelConfig("gemm", *v[:3], deq_first=flag.get(6, True), num_warps=v[3],
-                                num_stages=v[4], swap=flag.get(5, True), halves=flag.get(7, False))]
+        more = dict(zip(("swap", "deq_first", "sub_tiles"), v[5:]))
+        configs = [KernelConfig("gemm", *v[:3], num_warps=v[3], num_stages=v[4],
+                                swap=bool(more.get("swap", 1)), deq_first=bool(more.get("deq_first", 1)),
+                                sub_tiles=more.get("sub_tiles", 1))]
     else:
         empty = torch.empty(0)
         p = PreparedGPTQ(empty, empty, empty, None, 4, 128, 8, args.k, args.n)
         configs = list(dict.fromkeys(replace(c, split_k=1)              # (split_k: same code)
                                      for c in candidates(args.m, p, args.k, 132) if c.kind == "gemm"))
-    print("| block_m | block_n | block_k | warps | stages | swap | deq_first | halves | regs | smem | "
+    print("| block_m | block_n | block_k | warps | stages | swap | deq_first | sub_tiles | regs | smem | "
           "spill bytes | HGMMA | waits | loop waits | serialized |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c in configs:
         r = inspect(c)
         print(f"| {c.block_m} | {c.block_n} | {c.block_k} | {c.num_warps} | {c.num_stages} | {c.swap} | "
-              f"{c.deq_first} | {c.halves} | {r['regs']} | {r['smem']} | {r['spill bytes']} | {r['HGMMA']} | "
-              f"{r['waits']} | {r['loop waits']} | {'yes' if r['serialized'] else 'no'} |", flush=True)
+              f"{c.deq_first} | {c.sub_tiles} | {r['regs']} | {r['smem']} | {r['spill bytes']} | "
+              f"{r['HGMMA']} | {r['waits']} | {r['loop waits']} | {'yes' if r['serialized'] else 'no'} |", flush=True)
 
 
 if __name__ == "__main__":
