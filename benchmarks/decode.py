@@ -4,6 +4,7 @@
     python benchmarks/decode.py --shapes 7b,8b --paths fast
     python benchmarks/decode.py --kernels default,default+fuse,cuda,cuda+fuse    # int4 variants
     python benchmarks/decode.py --tiny --device cpu              # smoke run, seconds
+    python benchmarks/decode.py --isolate --paths fast           # one Python process per model
 
 For each shape (Llama-2-7B: hidden 4096, MLP 11008, 32 layers, 32 heads, vocab 32000; GQA
 Llama-3-8B: MLP 14336, 8 KV heads, vocab 128256) a model with random weights is built on the
@@ -19,7 +20,10 @@ torch.compile(fullgraph=True, mode="reduce-overhead"), i.e. CUDA graphs). Figure
 decode tokens/s at batch 1 after a short and a long prompt and at larger batches (decode only:
 t(128 new) - t(1 new)), prefill tokens/s of the long prompt (prompt / time to first token),
 the weights' bytes and the peak allocation. The table goes to stdout and to $OUT/decode.txt
-when OUT is set; progress and phase times go to stderr.
+when OUT is set; progress and phase times go to stderr. ``--isolate`` runs fp16 and each int4
+variant in a child process of its own: on an H100 an int4 model timed after a compiled fp16
+model in the same process decoded ~13% slower with inductor's dependent launch than alone
+(benchmarks/results/decode_7b_fast_pdl_eighth_h100.txt; not understood yet).
 """
 from __future__ import annotations
 
