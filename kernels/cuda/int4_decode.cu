@@ -96,8 +96,9 @@ cudaError_t blocks_per_sm(int K, const Device& dev, const int** out) {
 // wave is as many blocks as the GPU holds at once).
 struct Plan { int warps = 1; long long waves = 0; double cost = 1e30; };
 
-// Tuning overrides (0: the launcher chooses): warps per block (1..8), tiles per block (1, 2, 4).
-struct Forced { int warps = 0, nt = 0; };
+// Tuning overrides (0: the launcher chooses): warps per block (1..8), tiles per block (1, 2, 4),
+// blocks splitting K (splits > 1: y is zeroed and the blocks add into it; no XS).
+struct Forced { int warps = 0, nt = 0, splits = 0; };
 
 // The warps per block (8, 4, 2 or 1, splitting K) with the least estimated time; ties go to fewer
 // waves (a second, mostly idle wave costs a whole one).
@@ -107,8 +108,9 @@ cudaError_t plan(int M, int N, int K, const Forced& forced, const Device& dev, P
   const cudaError_t err = blocks_per_sm<T, MT, NT, U, XS>(K, dev, &fit);
   if (err != cudaSuccess) return err;
   const long long groups = (N + 16 * NT - 1) / (16 * NT), slabs = (M + 8 * MT - 1) / (8 * MT);
-  const long long blocks = groups * slabs;
-  const int stages = (K / 64 + U - 1) / U;
+  const int splits = forced.splits > 1 ? forced.splits : 1;
+  const long long blocks = groups * slabs * splits;
+  const int stages = ((K / 64 + U - 1) / U + splits - 1) / splits;      // per block
   Plan best;
   for (int i = 0; i < 4; ++i) {
     const int w = kWarpOptions[i], per_sm = fit[i];
@@ -124,12 +126,17 @@ cudaError_t plan(int M, int N, int K, const Forced& forced, const Device& dev, P
 
 template <typename T, int MT, int NT, int U, bool XS>
 cudaError_t launch_tiles(const T* x, const uint4* qw, const uint2* meta, T* y, int M, int N,
-                         int K, int group_chunks, const Plan& p, const Device& dev,
+                         int K, int group_chunks, const Plan& p, const Device& dev, int splits,
                          cudaStream_t stream) {
   const int groups = (N + 16 * NT - 1) / (16 * NT), slabs = (M + 8 * MT - 1) / (8 * MT);
-  return launch_dependent(int4_decode_kernel<T, MT, NT, U, XS>, dev.pdl, dim3(slabs, groups),
-                          dim3(p.warps * 32), block_smem<NT, U, XS>(p.warps, K), stream, x, qw,
-                          meta, y, M, N, K, group_chunks);
+  if (splits > 1) {                             // the blocks of a tile group add into y
+    const cudaError_t err = cudaMemsetAsync(y, 0, (size_t)M * N * sizeof(T), stream);
+    if (err != cudaSuccess) return err;
+  }
+  return launch_dependent(int4_decode_kernel<T, MT, NT, U, XS>, dev.pdl,
+                          dim3(slabs, groups, splits > 1 ? splits : 1), dim3(p.warps * 32),
+                          block_smem<NT, U, XS>(p.warps, K), stream, x, qw, meta, y, M, N, K,
+                          group_chunks);
 }
 
 // plan, then launch_tiles.
@@ -140,7 +147,8 @@ cudaError_t plan_and_launch(const T* x, const uint4* qw, const uint2* meta, T* y
   Plan p;
   const cudaError_t err = plan<T, MT, NT, U, XS>(M, N, K, forced, dev, &p);
   if (err != cudaSuccess) return err;
-  return launch_tiles<T, MT, NT, U, XS>(x, qw, meta, y, M, N, K, group_chunks, p, dev, stream);
+  return launch_tiles<T, MT, NT, U, XS>(x, qw, meta, y, M, N, K, group_chunks, p, dev,
+                                        forced.splits, stream);
 }
 
 // Tiles per block: 1 at batch 1 (the activations are one row: most blocks is best; launch_mt
@@ -172,7 +180,7 @@ cudaError_t launch_mt(const T* x, const uint4* qw, const uint2* meta, T* y, int 
                                                *dev, stream);
   if (group_chunks % 2 == 0) {                  // two chunks per stage share one group's record
     if constexpr (MT == 1)                      // batch 1: x from shared memory (XS) where the
-      if (M == 1 && dev->xs) {                  // grid is one wave, also with x's bytes
+      if (M == 1 && dev->xs && forced.splits <= 1) {   // grid is one wave, with x's bytes
         Plan with, without;
         cudaError_t e = plan<T, 1, 1, 2, true>(M, N, K, forced, *dev, &with);
         if (e == cudaSuccess) e = plan<T, 1, 1, 2, false>(M, N, K, forced, *dev, &without);
@@ -180,7 +188,7 @@ cudaError_t launch_mt(const T* x, const uint4* qw, const uint2* meta, T* y, int 
         if (with.waves == 1 && with.cost <= without.cost)   // (later waves would wait for
                                                             // their x: 8192x28672 2.8% slower)
           return launch_tiles<T, 1, 1, 2, true>(x, qw, meta, y, M, N, K, group_chunks, with,
-                                                *dev, stream);
+                                                *dev, 1, stream);
         // Several waves: up to K = 8192, two tiles per block (half the blocks) measured faster
         // on an H100 (4096x22016 19.8-20.2 us against 21.8-22.3, 8192x28672 46.1 against
         // 47.1); 28672x8192 was 2% slower, so longer K keeps one tile.
@@ -188,7 +196,7 @@ cudaError_t launch_mt(const T* x, const uint4* qw, const uint2* meta, T* y, int 
           return plan_and_launch<T, 1, 2, 1, false>(x, qw, meta, y, M, N, K, group_chunks,
                                                     forced, *dev, stream);
         return launch_tiles<T, 1, 1, 2, false>(x, qw, meta, y, M, N, K, group_chunks, without,
-                                               *dev, stream);
+                                               *dev, 1, stream);
       }
     return plan_and_launch<T, MT, 1, 2, false>(x, qw, meta, y, M, N, K, group_chunks, forced,
                                                *dev, stream);
@@ -213,17 +221,18 @@ cudaError_t launch(const void* x, const void* qweight, const void* meta, void* y
 
 // x [M, K] (K a multiple of 64, rows contiguous), y [M, N]; dtype 0 = fp16, 1 = bf16.
 // group_size: kernel rows per group, a multiple of 64 dividing K (K for per-channel).
-// warps: warps per block (1..8), nt: tiles of 16 outputs per block (1, 2, 4); 0 lets the
-// launcher choose (other values are for tuning).
+// warps: warps per block (1..8), nt: tiles of 16 outputs per block (1, 2, 4), splits: blocks
+// splitting K (1..64); 0 lets the launcher choose (other values are for tuning).
 extern "C" cudaError_t gptq_lab_int4_decode(const void* x, const void* qweight, const void* meta,
                                             void* y, int M, int N, int K, int group_size,
-                                            int warps, int nt, int dtype, cudaStream_t stream) {
+                                            int warps, int nt, int splits, int dtype,
+                                            cudaStream_t stream) {
   if (M <= 0 || N <= 0) return cudaSuccess;
   if (K <= 0 || K % 64 || group_size <= 0 || group_size % 64 || K % group_size ||
-      (N + 15) / 16 > 65535)                        // tile groups are the grid's y dimension
+      (N + 15) / 16 > 65535 || splits < 0 || splits > 64)   // tile groups: the grid's y
     return cudaErrorInvalidValue;
   gptq_lab::Forced forced;
-  forced.warps = warps, forced.nt = nt;
+  forced.warps = warps, forced.nt = nt, forced.splits = splits;
   return dtype == 1
              ? gptq_lab::launch<__nv_bfloat16>(x, qweight, meta, y, M, N, K, group_size, forced,
                                                stream)
