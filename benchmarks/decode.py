@@ -120,7 +120,7 @@ def run_shape(shape: str, paths: list[str], device: torch.device, settings: Deco
         for kernel in kernels:     # "default": Triton; "cuda": + CUDA decode kernel; "+fuse": fused
             log(f"{shape}: load the checkpoint ({kernel} kernels)")
             model = load_int4(ckpt, device, kernel)
-            rows += measure(model, shape, "int4" if kernel == "default" else f"int4 {kernel}", paths, settings)
+            rows += measure(model, shape, int4_label(kernel), paths, settings)
             del model
             free()
     finally:
@@ -128,24 +128,34 @@ def run_shape(shape: str, paths: list[str], device: torch.device, settings: Deco
     return rows
 
 
+def int4_label(kernel: str) -> str:
+    """The dtype column of a --kernels variant: "int4", "int4 cuda+fuse"..."""
+    return "int4" if kernel == "default" else f"int4 {kernel}"
+
+
 def isolated_rows(argv: list[str], shapes: list[str], kernels: list[str], fp16: bool,
                   int4: bool) -> list[dict]:
     """Rows of this same command run once per model in a child process: for each shape, fp16
     alone, then each int4 variant alone (one model per process, as a user runs it)."""
     base = [a for a in argv if a != "--isolate"]           # later flags below override base's
-    models = ([["--no-int4"]] if fp16 else []) + \
-        ([["--no-fp16", "--kernels", k] for k in kernels] if int4 else [])
+    models = ([("fp16", ["--no-int4"])] if fp16 else []) + \
+        ([(int4_label(k), ["--no-fp16", "--kernels", k]) for k in kernels] if int4 else [])
     env = {k: v for k, v in os.environ.items() if k != "OUT"}       # the parent writes the table
     rows = []
     with tempfile.TemporaryDirectory(prefix="gptq_lab_decode_rows_") as tmp:
         out = Path(tmp) / "rows.json"
         for shape in shapes:
-            for model in models:
+            for name, flags in models:
+                out.unlink(missing_ok=True)
                 cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--shapes", shape,
-                       *model, "--rows-json", str(out)]
+                       *flags, "--rows-json", str(out)]
                 log("child process: " + " ".join(cmd[2:]))
-                subprocess.run(cmd, check=True, env=env)
-                rows += json.loads(out.read_text())
+                code = subprocess.run(cmd, env=env, check=False).returncode
+                if code == 0 and out.exists():
+                    rows += json.loads(out.read_text())
+                else:                          # (e.g. killed for memory): the other rows stay
+                    rows.append({"shape": shape, "path": "all", "dtype": name,
+                                 "error": f"its process exited with code {code}"})
     return rows
 
 

@@ -159,6 +159,11 @@ def test_benchmark_isolate_times_each_model_in_its_own_process(monkeypatch, tmp_
     rows = [line.split(" | ")[1:3] for line in text.splitlines() if line.startswith("| tiny")]
     assert rows == [["fast", "fp16"], ["fast", "int4"], ["fast", "int4/fp16"]]
     assert (tmp_path / "decode.txt").read_text() == text + "\n"       # the parent's table only
+    killed = type("Done", (), {"returncode": -9})
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: killed)   # a child killed
+    text = bench.main(["--tiny", "--device", "cpu", "--paths", "fast", "--batches", "none", "--isolate"])
+    assert "| tiny | all | fp16 | failed: its process exited with code -9 |" in text
+    assert "| tiny | all | int4 | failed: its process exited with code -9 |" in text
 
 
 def test_compile_mode_adds_programmatic_dependent_launch_as_options():
