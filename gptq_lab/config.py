@@ -65,7 +65,7 @@ class QuantConfig:
             unknown = set(values) - set(_OVERRIDABLE)
             if unknown:
                 raise ConfigError(
-                    f"override {pattern!r} sets {sorted(unknown)}, which cannot vary per module; "
+                    f"override {pattern!r} sets {sorted(unknown, key=repr)}, which cannot vary per module; "
                     f"allowed: {list(_OVERRIDABLE)}"
                 )
             try:

@@ -17,6 +17,7 @@ from gptq_lab import ConfigError, QuantConfig
     ({"static_groups": True, "group_size": -1}, r"static_groups=True needs grouped"),
     ({"overrides": {"mlp": {"bits": 7}}}, r"override 'mlp': bits=7"),
     ({"overrides": {"mlp": {"seqlen": 7}}}, r"cannot vary per module"),
+    ({"overrides": {"mlp": {"": None, 0: None}}}, r"sets \['', 0\], which cannot vary"),   # (found by fuzzing)
     ({"overrides": {"(": {"bits": 8}}}, r"not a valid regex"),
 ])
 def test_bad_values_are_rejected_with_the_value_and_fix(kwargs, match):
