@@ -125,6 +125,8 @@ def main(argv=None) -> str:
     ap.add_argument("--steps", type=int, default=None, help="profiled decode steps (default 16; tiny 2)")
     ap.add_argument("--eager", action="store_true", help="profile the uncompiled step (default on CPU)")
     ap.add_argument("--batch", type=int, default=1, help="sequences decoded per step")
+    ap.add_argument("--int4-first", action="store_true",
+                    help="profile int4 before fp16 (in one process the later model may differ)")
     args = ap.parse_args(argv)
     shape = "tiny" if args.tiny else args.shape
     prompt = args.prompt or (4 if args.tiny else 32)
@@ -134,13 +136,19 @@ def main(argv=None) -> str:
     path = "compiled, CUDA graphs" if compiled else "uncompiled"
     rows = {}
     model = random_llama(shape, device)
-    rows["fp16"] = profile_steps(model, prompt, steps, device, compiled, args.batch)
+    if not args.int4_first:
+        rows["fp16"] = profile_steps(model, prompt, steps, device, compiled, args.batch)
     with tempfile.TemporaryDirectory(prefix="gptq_lab_profile_") as tmp:
-        make_checkpoint(model, Path(tmp) / "ckpt")
+        make_checkpoint(model, Path(tmp) / "ckpt")      # (fake-quantized in place: same speed)
+        fp16 = model if args.int4_first else None
         del model
         free()
         model = load_int4(Path(tmp) / "ckpt", device, args.kernels)
     rows[f"int4 ({args.kernels})"] = profile_steps(model, prompt, steps, device, compiled, args.batch)
+    if fp16 is not None:
+        del model
+        free()
+        rows["fp16"] = profile_steps(fp16, prompt, steps, device, compiled, args.batch)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (aten op times)"
     text = table(rows, f"Decode step profile, {shape} shape, batch {args.batch}, {prompt}-token prompt, {steps} steps "
                        f"averaged, {path}, on {card}; torch {torch.__version__}", path)

@@ -190,6 +190,9 @@ def test_profile_benchmark_smoke_run_on_cpu(monkeypatch, tmp_path):
     assert bench.group_of("flash_fwd_kernel") == "attention"
     assert bench.group_of("vectorized_elementwise_kernel") == "other"
     assert (tmp_path / "decode_profile.txt").read_text() == text + "\n"
+    text = bench.main(["--tiny", "--device", "cpu", "--int4-first"])
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith(("| fp16", "| int4"))]
+    assert rows == ["| int4 (cuda+fuse)", "| fp16"]
 
 
 def test_evaluator_reports_the_same_figures():
