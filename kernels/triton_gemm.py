@@ -109,6 +109,15 @@ def _group_params(s_ptr, z_ptr, g, stride_sg, offs_n, ZERO: tl.constexpr, OFFSET
 
 
 @triton.jit
+def _k_tiles(K, BLOCK_K: tl.constexpr, split_k, pid_k):
+    """The K tiles [t_lo, t_hi) of split pid_k of split_k."""
+    tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(tiles, split_k)
+    t_lo = pid_k * per_split
+    return t_lo, tl.minimum(t_lo + per_split, tiles)
+
+
+@triton.jit
 def _dequantized_tile(q_ptrs, k0, s_ptr, z_ptr, group_size, stride_sg, offs_n, BITS: tl.constexpr,
                       ZERO: tl.constexpr, MAGIC: tl.constexpr, OFFSET: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr,
@@ -142,10 +151,7 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(tiles, split_k)
-    t_lo = pid_k * per_split
-    t_hi = tl.minimum(t_lo + per_split, tiles)
+    t_lo, t_hi = _k_tiles(K, BLOCK_K, split_k, pid_k)
     q_ptrs = qw_ptr + offs_n[:, None] * stride_qn + tl.arange(0, BLOCK_K // P)[None, :]
     dtype = x_ptr.dtype.element_ty
     if SWAP:        # out^T [BN, BM] = W^T [BN, BK] @ x^T [BK, BM]: weights fill the MMA rows
@@ -202,10 +208,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = tl.arange(0, W)
     k_of_word = (offs_w // BITS) * 32 + offs_w % BITS                          # k of code 0, [W]
-    tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(tiles, split_k)
-    t_lo = pid_k * per_split
-    t_hi = tl.minimum(t_lo + per_split, tiles)
+    t_lo, t_hi = _k_tiles(K, BLOCK_K, split_k, pid_k)
     q_ptrs = qw_ptr + offs_n[:, None] * stride_qn + offs_w[None, :]
     x_row = x_ptr + m * stride_xm
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -269,10 +272,7 @@ def _gemm_sub_tiles_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_0 = pid_n * BLOCK_N + tl.arange(0, H)                   # sub-tile i: offs_0 + i * H
     offs_k = tl.arange(0, BLOCK_K)
-    tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(tiles, split_k)
-    t_lo = pid_k * per_split
-    t_hi = tl.minimum(t_lo + per_split, tiles)
+    t_lo, t_hi = _k_tiles(K, BLOCK_K, split_k, pid_k)
     q_ptrs = qw_ptr + offs_0[:, None] * stride_qn + tl.arange(0, BLOCK_K // (32 // BITS))[None, :]
     q_step = H * stride_qn
     x_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]

@@ -60,15 +60,14 @@ def candidates(m: int, p: PreparedGPTQ, k_rows: int, sms: int) -> list[KernelCon
     n, bucket = p.out_features, m_bucket(m)
     raw: list[KernelConfig] = []
 
-    def add(kind, bm, bn, bk, warps, stages, deq=False, swap=True, splits=None, sub=1):
+    def add(kind, bm, bn, bk, warps, stages, deq=False, swap=True, splits=None, sub=1,
+            waves=(1, 2, 4)):
         ctas = -(-n // bn) * (m if kind == "gemv" else -(-m // bm))
-        for s in splits or _splits(ctas, -(-k_rows // bk), sms):
+        for s in splits or _splits(ctas, -(-k_rows // bk), sms, waves):
             raw.append(KernelConfig(kind, bm, bn, bk, s, deq, warps, stages, swap, sub))
 
     def add_pipelined(bm, bn, warps, stages, waves=(1,)):    # no wgmma wait in the K loop
-        ctas = -(-n // bn) * -(-m // bm)
-        add("gemm", bm, bn, 128, warps, stages, deq=True, sub=bn // 64,
-            splits=_splits(ctas, -(-k_rows // 128), sms, waves=waves))
+        add("gemm", bm, bn, 128, warps, stages, deq=True, sub=bn // 64, waves=waves)
 
     if bucket <= 2:
         for bn, warps in ((128, 4), (256, 4), (256, 8), (512, 8)):

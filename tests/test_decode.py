@@ -113,8 +113,6 @@ def test_released_layer_refuses_to_save(tmp_path):
         layer.dequantize()
 
 
-
-
 def test_run_notebook_keeps_the_executed_copy_even_when_a_cell_fails(monkeypatch, tmp_path, capsys):
     """benchmarks/run_notebook.py (GPU runs of a tutorial): outputs kept, the error reported."""
     import nbformat

@@ -92,9 +92,9 @@ cudaError_t blocks_per_sm(int K, const Device& dev, const int** out) {
   return cudaSuccess;
 }
 
-// A launch's shape: warps per block and its estimated time (waves x stages per warp, where a
-// wave is as many blocks as the GPU holds at once).
-struct Plan { int warps = 1; long long waves = 0; double cost = 1e30; };
+// A launch's shape: warps per block, blocks splitting K (grid z), and its estimated time (waves x
+// stages per warp, where a wave is as many blocks as the GPU holds at once).
+struct Plan { int warps = 1, splits = 1; long long waves = 0; double cost = 1e30; };
 
 // Tuning overrides (0: the launcher chooses): warps per block (1..8), tiles per block (1, 2, 4),
 // blocks splitting K (splits > 1: y is zeroed and the blocks add into it; no XS).
@@ -108,10 +108,10 @@ cudaError_t plan(int M, int N, int K, const Forced& forced, const Device& dev, P
   const cudaError_t err = blocks_per_sm<T, MT, NT, U, XS>(K, dev, &fit);
   if (err != cudaSuccess) return err;
   const long long groups = (N + 16 * NT - 1) / (16 * NT), slabs = (M + 8 * MT - 1) / (8 * MT);
-  const int splits = forced.splits > 1 ? forced.splits : 1;
-  const long long blocks = groups * slabs * splits;
-  const int stages = ((K / 64 + U - 1) / U + splits - 1) / splits;      // per block
   Plan best;
+  best.splits = forced.splits > 1 ? forced.splits : 1;
+  const long long blocks = groups * slabs * best.splits;
+  const int stages = ((K / 64 + U - 1) / U + best.splits - 1) / best.splits;      // per block
   for (int i = 0; i < 4; ++i) {
     const int w = kWarpOptions[i], per_sm = fit[i];
     if (w > stages || per_sm <= 0) continue;
@@ -126,15 +126,15 @@ cudaError_t plan(int M, int N, int K, const Forced& forced, const Device& dev, P
 
 template <typename T, int MT, int NT, int U, bool XS>
 cudaError_t launch_tiles(const T* x, const uint4* qw, const uint2* meta, T* y, int M, int N,
-                         int K, int group_chunks, const Plan& p, const Device& dev, int splits,
+                         int K, int group_chunks, const Plan& p, const Device& dev,
                          cudaStream_t stream) {
   const int groups = (N + 16 * NT - 1) / (16 * NT), slabs = (M + 8 * MT - 1) / (8 * MT);
-  if (splits > 1) {                             // the blocks of a tile group add into y
+  if (p.splits > 1) {                           // the blocks of a tile group add into y
     const cudaError_t err = cudaMemsetAsync(y, 0, (size_t)M * N * sizeof(T), stream);
     if (err != cudaSuccess) return err;
   }
   return launch_dependent(int4_decode_kernel<T, MT, NT, U, XS>, dev.pdl,
-                          dim3(slabs, groups, splits > 1 ? splits : 1), dim3(p.warps * 32),
+                          dim3(slabs, groups, p.splits), dim3(p.warps * 32),
                           block_smem<NT, U, XS>(p.warps, K), stream, x, qw, meta, y, M, N, K,
                           group_chunks);
 }
@@ -147,8 +147,7 @@ cudaError_t plan_and_launch(const T* x, const uint4* qw, const uint2* meta, T* y
   Plan p;
   const cudaError_t err = plan<T, MT, NT, U, XS>(M, N, K, forced, dev, &p);
   if (err != cudaSuccess) return err;
-  return launch_tiles<T, MT, NT, U, XS>(x, qw, meta, y, M, N, K, group_chunks, p, dev,
-                                        forced.splits, stream);
+  return launch_tiles<T, MT, NT, U, XS>(x, qw, meta, y, M, N, K, group_chunks, p, dev, stream);
 }
 
 // Tiles per block: 1 at batch 1 (the activations are one row: most blocks is best; launch_mt
@@ -188,7 +187,7 @@ cudaError_t launch_mt(const T* x, const uint4* qw, const uint2* meta, T* y, int 
         if (with.waves == 1 && with.cost <= without.cost)   // (later waves would wait for
                                                             // their x: 8192x28672 2.8% slower)
           return launch_tiles<T, 1, 1, 2, true>(x, qw, meta, y, M, N, K, group_chunks, with,
-                                                *dev, 1, stream);
+                                                *dev, stream);
         // Several waves: up to K = 8192, two tiles per block (half the blocks) measured faster
         // on an H100 (4096x22016 19.8-20.2 us against 21.8-22.3, 8192x28672 46.1 against
         // 47.1); 28672x8192 was 2% slower, so longer K keeps one tile.
@@ -196,7 +195,7 @@ cudaError_t launch_mt(const T* x, const uint4* qw, const uint2* meta, T* y, int 
           return plan_and_launch<T, 1, 2, 1, false>(x, qw, meta, y, M, N, K, group_chunks,
                                                     forced, *dev, stream);
         return launch_tiles<T, 1, 1, 2, false>(x, qw, meta, y, M, N, K, group_chunks, without,
-                                               *dev, 1, stream);
+                                               *dev, stream);
       }
     return plan_and_launch<T, MT, 1, 2, false>(x, qw, meta, y, M, N, K, group_chunks, forced,
                                                *dev, stream);
