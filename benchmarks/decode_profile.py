@@ -56,7 +56,6 @@ def profile_steps(model: torch.nn.Module, prompt: int, steps: int, device: torch
     greedy = StaticGreedy(model, compile=compiled)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt),
                         generator=torch.Generator().manual_seed(0)).to(device)
-    positions = torch.arange(prompt, prompt + steps, device=device)
 
     def decode(record=None) -> float:
         cache = greedy.cache(batch, prompt + steps + 1)
@@ -65,10 +64,8 @@ def profile_steps(model: torch.nn.Module, prompt: int, steps: int, device: torch
         sync(device)
         with record or contextlib.nullcontext():
             t0 = time.perf_counter()
-            for i in range(steps):
-                if greedy.compiled:
-                    torch.compiler.cudagraph_mark_step_begin()
-                token = greedy.step(token, cache, positions[i:i + 1]).clone()
+            for _ in greedy.steps(token, cache, prompt, steps):
+                pass
             sync(device)
             return time.perf_counter() - t0
 

@@ -173,6 +173,18 @@ def test_compile_mode_adds_programmatic_dependent_launch_as_options():
     assert StaticGreedy(tiny_model("llama"), compile=False).pdl is False      # CPU: never
 
 
+def test_own_cuda_graphs_only_where_they_can_record_the_compiled_step():
+    model = tiny_model("llama")                                              # on the CPU
+    assert StaticGreedy(model, compile=False).graphs is False
+    assert StaticGreedy(model).graphs is False                               # compiled, but no CUDA
+    with pytest.raises(ValueError, match="CUDA device"):
+        StaticGreedy(model, graphs=True)
+    with pytest.raises(ValueError, match="compile=True"):
+        StaticGreedy(model, compile=False, graphs=True)
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        StaticGreedy(model, mode="reduce-overhead", graphs=True)
+
+
 def test_profile_benchmark_smoke_run_on_cpu(monkeypatch, tmp_path):
     bench = load_benchmark("decode_profile", monkeypatch, tmp_path)
     text = bench.main(["--tiny", "--device", "cpu"])
@@ -257,8 +269,10 @@ def test_gpu_prepared_paths_match_the_reference(act_order, cuda_decode, rows, dt
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("cuda_decode,fuse", [(False, False), (True, False), (False, True), (True, True)])
-def test_gpu_compiled_cuda_graph_decode_equals_eager(cuda_decode, fuse):
+@pytest.mark.parametrize("cuda_decode,fuse,graphs", [(False, False, True), (True, False, True),
+                                                     (False, True, True), (True, True, True),
+                                                     (True, True, False)])
+def test_gpu_compiled_cuda_graph_decode_equals_eager(cuda_decode, fuse, graphs):
     model = quantized_llama(group_size=64)
     model.lm_head.weight.data *= 30                       # peaked logits: fp16 rounding cannot flip argmax
     model = model.cuda().half()
@@ -270,7 +284,9 @@ def test_gpu_compiled_cuda_graph_decode_equals_eager(cuda_decode, fuse):
     eager = eager_greedy(model, ids, 10)
     if fuse:                                              # fusing changes no token
         assert torch.equal(eager, eager_greedy(plain, ids, 10))
-    fast = StaticGreedy(model)                            # fullgraph, reduce-overhead
+    # our own graph per cache, or torch's (reduce-overhead: cudagraph trees)
+    fast = StaticGreedy(model) if graphs else StaticGreedy(model, mode="reduce-overhead", graphs=False)
+    assert fast.graphs is graphs
     for _ in range(3):                                    # warm-up, record, replay
         out = fast(ids, 10)
     assert torch.equal(out, eager)
