@@ -113,13 +113,15 @@ class _GraphedStep:
     ``token`` [B, 1] at ``position`` [1] and leaves the next token in ``token`` and the next
     position in ``position``, so a token costs the host one graph launch."""
 
-    def __init__(self, step: Callable, cache, batch: int, device: torch.device, warmup: int = 2):
+    def __init__(self, step: Callable, uncompiled: Callable, cache, batch: int, device: torch.device,
+                 warmup: int = 2):
         self.token = torch.zeros((batch, 1), dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         side = torch.cuda.Stream(device)             # warm-up off the default stream, as capture wants
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            for _ in range(warmup):                  # compile, tune the kernels, allocate the cache
+            uncompiled(self.token, cache, self.position)   # fills the cache's lazy layers, tunes kernels
+            for _ in range(warmup):                  # compile (for the filled cache, as it will run)
                 step(self.token, cache, self.position)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
@@ -180,8 +182,8 @@ class StaticGreedy:
         if key not in self._caches:
             self._caches[key] = StaticCache(config=self.model.config, max_cache_len=length)
             if self.graphs:                           # its warm-up writes the cache: reset below
-                self._graphed[key] = _GraphedStep(self.step, self._caches[key], batch,
-                                                  _device(self.model))
+                self._graphed[key] = _GraphedStep(self.step, self.uncompiled, self._caches[key],
+                                                  batch, _device(self.model))
         cache = self._caches[key]
         cache.reset()
         return cache
