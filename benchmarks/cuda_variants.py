@@ -3,7 +3,6 @@
     python benchmarks/cuda_variants.py --build 4,8,16          # compile the variants (parallel)
     python benchmarks/cuda_variants.py --stages 4,8,16 --batches 1,16
     python benchmarks/cuda_variants.py --stages 4 --warps 0 --nt 0,1,2,4 --batches 1,8,16,64
-    python benchmarks/cuda_variants.py --warps 0 --nt 4 --splits 0,2,4 --batches 16   # K split
     python benchmarks/cuda_variants.py --stages 4,4/1,4/3,4+GPTQ_LAB_B1_MINBLOCKS=3 --warps 0 --batches 1
     ncu --clock-control none --set full --import-source yes -k regex:int4_decode_kernel -o rep \
         python benchmarks/cuda_variants.py --once --warps 0 --batches 1   # one call per shape
@@ -57,7 +56,6 @@ def main() -> None:
     ap.add_argument("--stages", default="4")
     ap.add_argument("--warps", default="0,2,4,8", help="0 = the launcher's choice")
     ap.add_argument("--nt", default="0", help="tiles of 16 outputs per block (1, 2, 4); 0 = the launcher's")
-    ap.add_argument("--splits", default="0", help="blocks splitting K (y zeroed, then added into); 0 = the launcher's")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--timing", choices=("rotate", "flush"), default="rotate")
@@ -73,7 +71,6 @@ def main() -> None:
     stages = args.stages.split(",")
     warps = [int(w) for w in args.warps.split(",")]
     nts = [int(v) for v in args.nt.split(",")]
-    splits = [int(v) for v in args.splits.split(",")]
     rows = []
     print(f"{torch.cuda.get_device_name()}", flush=True)
     for shape in args.shapes.split(","):
@@ -96,12 +93,12 @@ def main() -> None:
                 [lambda w=w: torch.matmul(x, w) for w in w16_copies])}                 # noqa: B023
             for s in stages:
                 ext = build(s)
-                for w, nt, ks in ((w, nt, ks) for w in warps for nt in nts for ks in splits):
-                    label = f"stages {s} warps {w} nt {nt} splits {ks} {shape} M={m}"
+                for w, nt in ((w, nt) for w in warps for nt in nts):
+                    label = f"stages {s} warps {w} nt {nt} {shape} M={m}"
 
                     def call(c=p):
                         return ext.int4_decode(x, c.qweight, c.meta, c.group_size,      # noqa: B023
-                                               c.out_features, w, nt, ks)               # noqa: B023
+                                               c.out_features, w, nt)                   # noqa: B023
                     try:
                         y = call()
                     except RuntimeError as e:
@@ -112,7 +109,7 @@ def main() -> None:
                         raise SystemExit(f"{label}: rel. error {err:.2e}")
                     if args.once:
                         continue
-                    row[f"v:s{s}w{w}n{nt}" + (f"k{ks}" if ks else "")] = bench(call, [lambda c=c: call(c) for c in copies])
+                    row[f"v:s{s}w{w}n{nt}"] = bench(call, [lambda c=c: call(c) for c in copies])
             rows.append(row)
             if args.once:
                 continue

@@ -16,7 +16,7 @@ import torch
 from gptq_lab.kernels import cuda_ops, gptq_matmul
 from gptq_lab.kernels.cuda_pack import dequantize_prepared, kernel_input, prepare, supports
 from gptq_lab.kernels.reference import dequantize_gptq
-from test_triton import TOL, _poison, cuda, make_layer, rel_err
+from test_triton import TOL, cuda, make_layer, rel_err
 
 CUDA_SOURCES = [s for s in cuda_ops.SOURCES if s.suffix == ".cu"]
 
@@ -223,25 +223,6 @@ def test_gpu_dependent_launch_reads_the_previous_kernels_output(graph):
     torch.cuda.synchronize()
     for s, y, e in zip(scales, outs, expected):
         assert torch.equal(y, e), f"x scaled by {s}"
-
-
-@cuda
-@pytest.mark.gpu
-@pytest.mark.parametrize("nt,splits", [(1, 2), (2, 3), (4, 2), (4, 4)])
-@pytest.mark.parametrize("m", [1, 16, 40])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_blocks_splitting_k_match_reference(nt, splits, m, dtype):
-    """Forced K split across blocks (y zeroed, the blocks add into it), a short last group and
-    more splits than some blocks' warps have stages included."""
-    layer = make_layer(200, 640, 4, 128, sym=False, device="cuda")
-    p = prepare(*layer, 4, dtype)
-    x = torch.randn(m, 640, device="cuda", dtype=dtype)
-    ref = x.double() @ dequantize_gptq(*layer, 4).double()
-    for warps in (0, 8):
-        _poison()
-        y = cuda_ops._build().int4_decode(kernel_input(x, p), p.qweight, p.meta, p.group_size, 200,
-                                          warps, nt, splits)
-        assert rel_err(y, ref) < TOL[dtype], f"warps={warps}"
 
 
 @cuda

@@ -7,8 +7,7 @@
 
 extern "C" cudaError_t gptq_lab_int4_decode(const void* x, const void* qweight, const void* meta,
                                             void* y, int M, int N, int K, int group_size,
-                                            int warps, int nt, int splits, int dtype,
-                                            cudaStream_t stream);
+                                            int warps, int nt, int dtype, cudaStream_t stream);
 extern "C" cudaError_t gptq_lab_int4_dequant(const void* qweight, const void* meta, void* w,
                                              int N, int K, int group_size, int dtype,
                                              cudaStream_t stream);
@@ -27,11 +26,10 @@ static void check_layout(const torch::Tensor& qweight, const torch::Tensor& meta
 }
 
 // x [M, K] fp16/bf16 contiguous (K a multiple of 64) -> y [M, n] in x's dtype.
-// warps (per block), nt (tiles of 16 outputs per block), splits (blocks splitting K): 0 is the
-// launcher's choice; other values are for tuning.
+// warps (per block), nt (tiles of 16 outputs per block): 0 is the launcher's choice; other
+// values are for tuning.
 torch::Tensor int4_decode(torch::Tensor x, torch::Tensor qweight, torch::Tensor meta,
-                          int64_t group_size, int64_t n, int64_t warps, int64_t nt,
-                          int64_t splits) {
+                          int64_t group_size, int64_t n, int64_t warps, int64_t nt) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "x must be float16 or bfloat16, got ", x.scalar_type());
@@ -44,8 +42,7 @@ torch::Tensor int4_decode(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
   const cudaError_t err = gptq_lab_int4_decode(
       x.data_ptr(), qweight.data_ptr(), meta.data_ptr(), y.data_ptr(), static_cast<int>(m),
       static_cast<int>(n), static_cast<int>(k), static_cast<int>(group_size),
-      static_cast<int>(warps), static_cast<int>(nt), static_cast<int>(splits), dtype,
-      at::cuda::getCurrentCUDAStream());
+      static_cast<int>(warps), static_cast<int>(nt), dtype, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "gptq_lab int4_decode launch failed: ", cudaGetErrorString(err));
   return y;
 }
@@ -70,7 +67,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_decode", &int4_decode, "int4 GPTQ matmul for decode-sized batches",
         pybind11::arg("x"), pybind11::arg("qweight"), pybind11::arg("meta"),
         pybind11::arg("group_size"), pybind11::arg("n"), pybind11::arg("warps") = 0,
-        pybind11::arg("nt") = 0, pybind11::arg("splits") = 0);
+        pybind11::arg("nt") = 0);
   m.def("int4_dequant", &int4_dequant, "dequantize the int4 layout into w [N, K] (in place)",
         pybind11::arg("qweight"), pybind11::arg("meta"), pybind11::arg("group_size"),
         pybind11::arg("w"));

@@ -92,13 +92,12 @@ cudaError_t blocks_per_sm(int K, const Device& dev, const int** out) {
   return cudaSuccess;
 }
 
-// A launch's shape: warps per block, blocks splitting K (grid z), and its estimated time (waves x
-// stages per warp, where a wave is as many blocks as the GPU holds at once).
-struct Plan { int warps = 1, splits = 1; long long waves = 0; double cost = 1e30; };
+// A launch's shape: warps per block and its estimated time (waves x stages per warp, where a
+// wave is as many blocks as the GPU holds at once).
+struct Plan { int warps = 1; long long waves = 0; double cost = 1e30; };
 
-// Tuning overrides (0: the launcher chooses): warps per block (1..8), tiles per block (1, 2, 4),
-// blocks splitting K (splits > 1: y is zeroed and the blocks add into it; no XS).
-struct Forced { int warps = 0, nt = 0, splits = 0; };
+// Tuning overrides (0: the launcher chooses): warps per block (1..8), tiles per block (1, 2, 4).
+struct Forced { int warps = 0, nt = 0; };
 
 // The warps per block (8, 4, 2 or 1, splitting K) with the least estimated time; ties go to fewer
 // waves (a second, mostly idle wave costs a whole one).
@@ -108,10 +107,9 @@ cudaError_t plan(int M, int N, int K, const Forced& forced, const Device& dev, P
   const cudaError_t err = blocks_per_sm<T, MT, NT, U, XS>(K, dev, &fit);
   if (err != cudaSuccess) return err;
   const long long groups = (N + 16 * NT - 1) / (16 * NT), slabs = (M + 8 * MT - 1) / (8 * MT);
+  const long long blocks = groups * slabs;
+  const int stages = (K / 64 + U - 1) / U;
   Plan best;
-  best.splits = forced.splits > 1 ? forced.splits : 1;
-  const long long blocks = groups * slabs * best.splits;
-  const int stages = ((K / 64 + U - 1) / U + best.splits - 1) / best.splits;      // per block
   for (int i = 0; i < 4; ++i) {
     const int w = kWarpOptions[i], per_sm = fit[i];
     if (w > stages || per_sm <= 0) continue;
@@ -129,14 +127,9 @@ cudaError_t launch_tiles(const T* x, const uint4* qw, const uint2* meta, T* y, i
                          int K, int group_chunks, const Plan& p, const Device& dev,
                          cudaStream_t stream) {
   const int groups = (N + 16 * NT - 1) / (16 * NT), slabs = (M + 8 * MT - 1) / (8 * MT);
-  if (p.splits > 1) {                           // the blocks of a tile group add into y
-    const cudaError_t err = cudaMemsetAsync(y, 0, (size_t)M * N * sizeof(T), stream);
-    if (err != cudaSuccess) return err;
-  }
-  return launch_dependent(int4_decode_kernel<T, MT, NT, U, XS>, dev.pdl,
-                          dim3(slabs, groups, p.splits), dim3(p.warps * 32),
-                          block_smem<NT, U, XS>(p.warps, K), stream, x, qw, meta, y, M, N, K,
-                          group_chunks);
+  return launch_dependent(int4_decode_kernel<T, MT, NT, U, XS>, dev.pdl, dim3(slabs, groups),
+                          dim3(p.warps * 32), block_smem<NT, U, XS>(p.warps, K), stream, x, qw,
+                          meta, y, M, N, K, group_chunks);
 }
 
 // plan, then launch_tiles.
@@ -179,7 +172,7 @@ cudaError_t launch_mt(const T* x, const uint4* qw, const uint2* meta, T* y, int 
                                                *dev, stream);
   if (group_chunks % 2 == 0) {                  // two chunks per stage share one group's record
     if constexpr (MT == 1)                      // batch 1: x from shared memory (XS) where the
-      if (M == 1 && dev->xs && forced.splits <= 1) {   // grid is one wave, with x's bytes
+      if (M == 1 && dev->xs) {                  // grid is one wave, also with x's bytes
         Plan with, without;
         cudaError_t e = plan<T, 1, 1, 2, true>(M, N, K, forced, *dev, &with);
         if (e == cudaSuccess) e = plan<T, 1, 1, 2, false>(M, N, K, forced, *dev, &without);
@@ -220,18 +213,17 @@ cudaError_t launch(const void* x, const void* qweight, const void* meta, void* y
 
 // x [M, K] (K a multiple of 64, rows contiguous), y [M, N]; dtype 0 = fp16, 1 = bf16.
 // group_size: kernel rows per group, a multiple of 64 dividing K (K for per-channel).
-// warps: warps per block (1..8), nt: tiles of 16 outputs per block (1, 2, 4), splits: blocks
-// splitting K (1..64); 0 lets the launcher choose (other values are for tuning).
+// warps: warps per block (1..8), nt: tiles of 16 outputs per block (1, 2, 4); 0 lets the
+// launcher choose (other values are for tuning).
 extern "C" cudaError_t gptq_lab_int4_decode(const void* x, const void* qweight, const void* meta,
                                             void* y, int M, int N, int K, int group_size,
-                                            int warps, int nt, int splits, int dtype,
-                                            cudaStream_t stream) {
+                                            int warps, int nt, int dtype, cudaStream_t stream) {
   if (M <= 0 || N <= 0) return cudaSuccess;
   if (K <= 0 || K % 64 || group_size <= 0 || group_size % 64 || K % group_size ||
-      (N + 15) / 16 > 65535 || splits < 0 || splits > 64)   // tile groups: the grid's y
+      (N + 15) / 16 > 65535)                        // tile groups are the grid's y dimension
     return cudaErrorInvalidValue;
   gptq_lab::Forced forced;
-  forced.warps = warps, forced.nt = nt, forced.splits = splits;
+  forced.warps = warps, forced.nt = nt;
   return dtype == 1
              ? gptq_lab::launch<__nv_bfloat16>(x, qweight, meta, y, M, N, K, group_size, forced,
                                                stream)

@@ -7,8 +7,7 @@
 // the batch as its 8 columns (two MMAs for batches 9-16). Each block owns 16 output features
 // and one slab of up to 16 batch rows (larger batches: several slabs, scheduled next to each
 // other so that only the first reads the tile's weights from memory, the others from L2);
-// its warps split K and reduce through shared memory. Optionally (gridDim.z > 1) several
-// blocks split K too and add their sums into y. Weight words are streamed with 16-byte
+// its warps split K and reduce through shared memory. Weight words are streamed with 16-byte
 // asynchronous copies (cp.async) into a per-warp shared-memory ring, several chunks in flight
 // per warp while the oldest is consumed.
 #pragma once
@@ -139,12 +138,8 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
   // Slabs of one tile group run side by side: all but the first read W from L2.
   const int tiles = (N + 15) / 16, tile0 = blockIdx.y * NT, m_base = blockIdx.x * 8 * MT;
   const int chunks = K / 64, stages = (chunks + U - 1) / U;
-  // gridDim.z blocks split K (their sums meet in y, which the launcher zeroed, by atomic adds),
-  // then the block's warps split its part; both in whole stages: a stage shares one group.
-  const int s_begin = blockIdx.z * stages / gridDim.z;
-  const int s_end = (blockIdx.z + 1) * stages / gridDim.z;
-  const int c_begin = (s_begin + warp * (s_end - s_begin) / warps) * U;
-  const int c_end = min(chunks, (s_begin + (warp + 1) * (s_end - s_begin) / warps) * U);
+  const int c_begin = warp * stages / warps * U;    // whole stages: a stage shares one group
+  const int c_end = min(chunks, (warp + 1) * stages / warps * U);
 
   char* mine = reinterpret_cast<char*>(ring) + warp * ring_bytes<NT, U>();
   uint4 (*wslot)[U][NT][32] = reinterpret_cast<uint4 (*)[U][NT][32]>(mine);
@@ -302,12 +297,7 @@ int4_decode_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
     float sum = 0.f;
     for (int w = 0; w < warps; ++w) sum += red[w][m][nn];
     const int gm = m_base + m, gn = tile0 * 16 + nn;
-    if (gm < M && gn < N) {
-      if (gridDim.z == 1)
-        y[(size_t)gm * N + gn] = Dtype<T>::from_float(sum);
-      else
-        atomicAdd(&y[(size_t)gm * N + gn], Dtype<T>::from_float(sum));
-    }
+    if (gm < M && gn < N) y[(size_t)gm * N + gn] = Dtype<T>::from_float(sum);
   }
 }
 
