@@ -34,7 +34,7 @@ from decode import KERNELS, emit, free, load_int4, make_checkpoint
 from gptq_lab.generate import LLAMA_SHAPES, StaticGreedy, random_llama
 
 GROUPS = (                                     # first match wins; names are lower-cased
-    ("int4 matmul", re.compile(r"gptq|int4|_gemv|_gemm_kernel|_gemm_sub_tiles|dequant")),
+    ("int4 matmul", re.compile(r"gptq|int4|_gemv|_gemm_kernel|dequant")),
     ("float matmul", re.compile(r"gemm|gemv|cutlass|cublas|nvjet|sm\d+_xmma|aten::mm|aten::addmm|aten::linear|matmul")),
     ("attention", re.compile(r"attention|flash|fmha|sdpa|softmax")),
 )

@@ -4,7 +4,6 @@ spills, and whether the wgmma pipeline is serialized, per tuner candidate.
     python benchmarks/triton_sass.py --m 256                      # the tuner's M=256 candidates
     python benchmarks/triton_sass.py --m 16 --k 4096 --n 11008
     python benchmarks/triton_sass.py --config 128,64,128,4,3      # one tile: bm,bn,bk,warps,stages
-    python benchmarks/triton_sass.py --config 128,256,128,8,3,1,1,4   # ...,swap,deq_first,sub_tiles
 
 Each configuration is compiled for sm_90a by Triton (as on an H100, with the 16-byte alignment
 the runtime sees) and its PTX assembled again by the ptxas Triton ships, whose ``-v`` log says
@@ -38,19 +37,18 @@ def _tool(name: str) -> str:
 def inspect(cfg, bits: int = 4, zero: int = 8) -> dict:
     """Compile ``cfg`` (a gemm ``KernelConfig``) for sm_90a; -> resources and wgmma figures."""
     import triton
-    from gptq_lab.kernels.triton_gemm import kernel_of, launch_meta
+    from gptq_lab.kernels.triton_gemm import _gemm_kernel, launch_meta
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     meta = launch_meta(cfg, bits, zero, torch.float16, on_cuda=True)
-    jit = kernel_of(cfg)
     options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
-    args = [a for a in jit.arg_names if a not in meta]      # the runtime arguments
+    args = [a for a in _gemm_kernel.arg_names if a not in meta]      # the runtime arguments
     signature = {a: ("*i32" if a == "qw_ptr" else "*fp16") if a.endswith("_ptr") else "i32"
                  for a in args} | {k: "constexpr" for k in meta}
     # the 16-byte alignment the runtime sees: every pointer, every size but M and split_k
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(args)
              if a.endswith("_ptr") or a in ALIGNED_INTS}
-    kernel = triton.compile(ASTSource(jit, signature, constexprs=meta, attrs=attrs),
+    kernel = triton.compile(ASTSource(_gemm_kernel, signature, constexprs=meta, attrs=attrs),
                             target=GPUTarget("cuda", 90, 128), options=options)
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
@@ -82,27 +80,25 @@ def main(argv=None) -> None:
     ap.add_argument("--m", type=int, default=256, help="rows of x (the tuner's bucket of it)")
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--n", type=int, default=4096)
-    ap.add_argument("--config", help="bm,bn,bk,warps,stages[,swap,deq,sub_tiles] instead of the candidates")
+    ap.add_argument("--config", help="bm,bn,bk,warps,stages[,swap,deq] instead of the candidates")
     args = ap.parse_args(argv)
     if args.config:
         v = [int(s) for s in args.config.split(",")]
-        more = dict(zip(("swap", "deq_first", "sub_tiles"), v[5:]))
-        configs = [KernelConfig("gemm", *v[:3], num_warps=v[3], num_stages=v[4],
-                                swap=bool(more.get("swap", 1)), deq_first=bool(more.get("deq_first", 1)),
-                                sub_tiles=more.get("sub_tiles", 1))]
+        configs = [KernelConfig("gemm", *v[:3], deq_first=bool(v[6]) if len(v) > 6 else True,
+                                num_warps=v[3], num_stages=v[4], swap=bool(v[5]) if len(v) > 5 else True)]
     else:
         empty = torch.empty(0)
         p = PreparedGPTQ(empty, empty, empty, None, 4, 128, 8, args.k, args.n)
         configs = list(dict.fromkeys(replace(c, split_k=1)              # (split_k: same code)
                                      for c in candidates(args.m, p, args.k, 132) if c.kind == "gemm"))
-    print("| block_m | block_n | block_k | warps | stages | swap | deq_first | sub_tiles | regs | smem | "
+    print("| block_m | block_n | block_k | warps | stages | swap | deq_first | regs | smem | "
           "spill bytes | HGMMA | waits | loop waits | serialized |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c in configs:
         r = inspect(c)
         print(f"| {c.block_m} | {c.block_n} | {c.block_k} | {c.num_warps} | {c.num_stages} | {c.swap} | "
-              f"{c.deq_first} | {c.sub_tiles} | {r['regs']} | {r['smem']} | {r['spill bytes']} | "
-              f"{r['HGMMA']} | {r['waits']} | {r['loop waits']} | {'yes' if r['serialized'] else 'no'} |", flush=True)
+              f"{c.deq_first} | {r['regs']} | {r['smem']} | {r['spill bytes']} | {r['HGMMA']} | "
+              f"{r['waits']} | {r['loop waits']} | {'yes' if r['serialized'] else 'no'} |", flush=True)
 
 
 if __name__ == "__main__":

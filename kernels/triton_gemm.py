@@ -14,10 +14,6 @@ kernel row order, so a K tile never straddles two groups):
            multiplies the raw codes (as OFFSET + code, exact in fp16/bf16) and corrects each
            tile with scale * (dot - (zero + OFFSET) * sum(x)); ``deq_first=True`` dequantizes
            the tile first and keeps one accumulator (the usual winner from M = 16 on).
-  gemm, sub_tiles=2 or 4   the swap + deq_first tile computed as that many sub-tiles of
-           weight rows, one wgmma chain each, all reading one x tile: the activation traffic
-           of a block_n-column tile with the pipelining of a 64-row one (ptxas serializes
-           the wgmmas of 128-row swap tiles; see benchmarks/triton_sass.py).
   dequant  writes the fp16/bf16 weight [N, K'] for a cuBLAS matmul (very large M).
 Split-K (``split_k`` > 1) adds partial tiles into a zeroed output with atomics (results vary
 in the last bit between runs). Constraints: ``block_k`` divides ``group_size`` unless there is
@@ -41,8 +37,7 @@ class KernelConfig:
     gemv: ``num_stages`` 1 prefetches the next tile into registers by hand, 2 also asks L2 for
     the tile after it, 3+ leaves loads to Triton. gemm: ``swap`` puts the weights on the MMA's
     row side (out^T = W^T x^T); ``deq_first`` dequantizes before the MMA instead of correcting
-    after it; ``sub_tiles`` 2 or 4 (with both) splits the weight tile into that many MMA chains
-    that share the x tile. ``block_m`` is unused by gemv (one program row per x row).
+    after it. ``block_m`` is unused by gemv (one program row per x row).
     """
     kind: str
     block_m: int = 16
@@ -53,7 +48,6 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     swap: bool = True
-    sub_tiles: int = 1
 
 
 # fp16: 0x6400 | c is 1024 + c; bf16: 0x4300 | c is 128 + c (exact while c < 128).
@@ -115,18 +109,6 @@ def _k_tiles(K, BLOCK_K: tl.constexpr, split_k, pid_k):
     per_split = tl.cdiv(tiles, split_k)
     t_lo = pid_k * per_split
     return t_lo, tl.minimum(t_lo + per_split, tiles)
-
-
-@triton.jit
-def _dequantized_tile(q_ptrs, k0, s_ptr, z_ptr, group_size, stride_sg, offs_n, BITS: tl.constexpr,
-                      ZERO: tl.constexpr, MAGIC: tl.constexpr, OFFSET: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr,
-                      ASM: tl.constexpr):
-    """The weight tile of rows offs_n at k0, dequantized: DTYPE [BLOCK_N, BLOCK_K]."""
-    q = tl.load(q_ptrs + k0 // (32 // BITS))
-    s, zf = _group_params(s_ptr, z_ptr, k0 // group_size, stride_sg, offs_n, ZERO, OFFSET)
-    w = _unpack(q, BITS, MAGIC, BLOCK_N, BLOCK_K, DTYPE, ASM)
-    return (w - zf.to(DTYPE)[:, None]) * s.to(DTYPE)[:, None]
 
 
 @triton.jit
@@ -259,52 +241,6 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
         tl.atomic_add(out_ptrs, res, mask=offs_n < N, sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["M"])
-def _gemm_sub_tiles_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om,
-                           stride_qn, stride_sg, group_size, split_k,
-                           BITS: tl.constexpr, ZERO: tl.constexpr, MAGIC: tl.constexpr,
-                           OFFSET: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr):
-    """out^T = W^T x^T like _gemm_kernel's swap + deq_first path, the BLOCK_N weight rows as
-    SUB (2 or 4) sub-tiles with an accumulator each: every MMA reads the same x tile."""
-    H: tl.constexpr = BLOCK_N // SUB
-    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_0 = pid_n * BLOCK_N + tl.arange(0, H)                   # sub-tile i: offs_0 + i * H
-    offs_k = tl.arange(0, BLOCK_K)
-    t_lo, t_hi = _k_tiles(K, BLOCK_K, split_k, pid_k)
-    q_ptrs = qw_ptr + offs_0[:, None] * stride_qn + tl.arange(0, BLOCK_K // (32 // BITS))[None, :]
-    q_step = H * stride_qn
-    x_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]
-    dtype = x_ptr.dtype.element_ty
-    acc0 = tl.zeros((H, BLOCK_M), dtype=tl.float32)
-    acc1 = tl.zeros((H, BLOCK_M), dtype=tl.float32)
-    acc2 = tl.zeros((H, BLOCK_M), dtype=tl.float32)                # used when SUB == 4
-    acc3 = tl.zeros((H, BLOCK_M), dtype=tl.float32)
-    for t in range(t_lo, t_hi):
-        k0 = t * BLOCK_K
-        xt = tl.load(x_ptrs + k0, mask=(offs_m[None, :] < M) & (k0 + offs_k[:, None] < K),
-                     other=0.0)                                                   # [BK, BM]
-        w = _dequantized_tile(q_ptrs, k0, s_ptr, z_ptr, group_size, stride_sg, offs_0, BITS,
-                              ZERO, MAGIC, OFFSET, H, BLOCK_K, dtype, ASM)
-        acc0 = tl.dot(w, xt, acc0)
-        w = _dequantized_tile(q_ptrs + q_step, k0, s_ptr, z_ptr, group_size, stride_sg,
-                              offs_0 + H, BITS, ZERO, MAGIC, OFFSET, H, BLOCK_K, dtype, ASM)
-        acc1 = tl.dot(w, xt, acc1)
-        if SUB == 4:
-            w = _dequantized_tile(q_ptrs + 2 * q_step, k0, s_ptr, z_ptr, group_size, stride_sg,
-                                  offs_0 + 2 * H, BITS, ZERO, MAGIC, OFFSET, H, BLOCK_K, dtype, ASM)
-            acc2 = tl.dot(w, xt, acc2)
-            w = _dequantized_tile(q_ptrs + 3 * q_step, k0, s_ptr, z_ptr, group_size, stride_sg,
-                                  offs_0 + 3 * H, BITS, ZERO, MAGIC, OFFSET, H, BLOCK_K, dtype, ASM)
-            acc3 = tl.dot(w, xt, acc3)
-    _store_t(out_ptr, acc0, offs_m, offs_0, M, N, stride_om, split_k)
-    _store_t(out_ptr, acc1, offs_m, offs_0 + H, M, N, stride_om, split_k)
-    if SUB == 4:
-        _store_t(out_ptr, acc2, offs_m, offs_0 + 2 * H, M, N, stride_om, split_k)
-        _store_t(out_ptr, acc3, offs_m, offs_0 + 3 * H, M, N, stride_om, split_k)
-
-
 @triton.jit
 def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_qn, stride_sg, stride_wn, group_size,
                     BITS: tl.constexpr, ZERO: tl.constexpr, MAGIC: tl.constexpr,
@@ -333,10 +269,6 @@ def check_config(cfg: KernelConfig, p: PreparedGPTQ, k_rows: int) -> str | None:
         return f"block_k={cfg.block_k} must be a multiple of 32 dividing group_size={p.group_size}"
     if cfg.kind == "gemm" and cfg.block_k // (32 // p.bits) < 2:
         return f"block_k={cfg.block_k} is too small for {p.bits}-bit gemm tiles"
-    if cfg.sub_tiles != 1 and not (cfg.sub_tiles in (2, 4) and cfg.kind == "gemm" and cfg.swap
-                                   and cfg.deq_first and cfg.block_n // cfg.sub_tiles >= 16):
-        return (f"sub_tiles={cfg.sub_tiles}: 1, or 2 or 4 with a swap + deq_first gemm tile of "
-                f"at least 16 rows each")
     if cfg.kind not in ("gemv", "gemm", "dequant"):
         return f"kind={cfg.kind!r} is not one of 'gemv', 'gemm', 'dequant'"
     return None
@@ -355,16 +287,9 @@ def _plan(x: torch.Tensor, p: PreparedGPTQ, cfg: KernelConfig):
             p.qweight.stride(0), p.scales.stride(0), p.group_size, cfg.split_k)
     meta = launch_meta(cfg, p.bits, p.zero, x.dtype, x.is_cuda)
     if cfg.kind == "gemv":
-        return kernel_of(cfg), (triton.cdiv(n, cfg.block_n), cfg.split_k, m), args, meta, out
+        return _gemv_kernel, (triton.cdiv(n, cfg.block_n), cfg.split_k, m), args, meta, out
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), cfg.split_k)
-    return kernel_of(cfg), grid, args, meta, out
-
-
-def kernel_of(cfg: KernelConfig):
-    """The Triton kernel that runs a gemv/gemm ``cfg``."""
-    if cfg.kind == "gemv":
-        return _gemv_kernel
-    return _gemm_sub_tiles_kernel if cfg.sub_tiles > 1 else _gemm_kernel
+    return _gemm_kernel, grid, args, meta, out
 
 
 def launch_meta(cfg: KernelConfig, bits: int, zero: int, dtype: torch.dtype, on_cuda: bool) -> dict:
@@ -376,11 +301,8 @@ def launch_meta(cfg: KernelConfig, bits: int, zero: int, dtype: torch.dtype, on_
         meta.update(PREFETCH=cfg.num_stages <= 2, PREFETCH_L2=cfg.num_stages == 2 and on_cuda)
         return meta
     magic, offset = _magic(bits, dtype)
-    meta.update(MAGIC=magic, OFFSET=offset, BLOCK_M=cfg.block_m)
-    if cfg.sub_tiles > 1:                            # (that kernel is swap + deq_first only)
-        meta.update(SUB=cfg.sub_tiles)
-    else:
-        meta.update(DEQ_FIRST=cfg.deq_first, SWAP=cfg.swap)
+    meta.update(MAGIC=magic, OFFSET=offset, DEQ_FIRST=cfg.deq_first, SWAP=cfg.swap,
+                BLOCK_M=cfg.block_m)
     return meta
 
 

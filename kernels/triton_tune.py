@@ -47,12 +47,6 @@ def _splits(ctas: int, k_tiles: int, sms: int, waves: tuple[int, ...] = (1, 2, 4
 # warning C7515); swap=False tiles wait once per tile. benchmarks/triton_sass.py shows this
 # without a GPU; a CPU test keeps it true. (block_m, warps):
 RS_PIPELINED = ((64, 4), (128, 4), (256, 8))
-# The same at 128 and 256 weight columns through the sub-tiles kernel (64-row wgmma chains that
-# share the x tile; one chain of 128+ rows is serialized): a half or a quarter of the
-# activation reads from L2 of 64-column tiles, which at batch 256 move 16x the weights' bytes.
-# (block_m, block_n, warps, stages); sub_tiles = block_n // 64:
-SUB_TILES_PIPELINED = ((64, 128, 4, 3), (128, 128, 8, 3), (64, 256, 8, 3), (128, 256, 8, 3),
-                       (128, 256, 8, 2))
 
 
 def candidates(m: int, p: PreparedGPTQ, k_rows: int, sms: int) -> list[KernelConfig]:
@@ -60,14 +54,10 @@ def candidates(m: int, p: PreparedGPTQ, k_rows: int, sms: int) -> list[KernelCon
     n, bucket = p.out_features, m_bucket(m)
     raw: list[KernelConfig] = []
 
-    def add(kind, bm, bn, bk, warps, stages, deq=False, swap=True, splits=None, sub=1,
-            waves=(1, 2, 4)):
+    def add(kind, bm, bn, bk, warps, stages, deq=False, swap=True, splits=None, waves=(1, 2, 4)):
         ctas = -(-n // bn) * (m if kind == "gemv" else -(-m // bm))
         for s in splits or _splits(ctas, -(-k_rows // bk), sms, waves):
-            raw.append(KernelConfig(kind, bm, bn, bk, s, deq, warps, stages, swap, sub))
-
-    def add_pipelined(bm, bn, warps, stages, waves=(1,)):    # no wgmma wait in the K loop
-        add("gemm", bm, bn, 128, warps, stages, deq=True, sub=bn // 64, waves=waves)
+            raw.append(KernelConfig(kind, bm, bn, bk, s, deq, warps, stages, swap))
 
     if bucket <= 2:
         for bn, warps in ((128, 4), (256, 4), (256, 8), (512, 8)):
@@ -87,8 +77,6 @@ def candidates(m: int, p: PreparedGPTQ, k_rows: int, sms: int) -> list[KernelCon
             add("gemm", 64, bn, 128, 4, 3, swap=False)
         add("gemm", 16, 64, 128, 8, 4, deq=True)          # RS_PIPELINED-like (16 rows)
         add("gemm", 16, 64, 128, 4, 6, deq=True)
-        add_pipelined(16, 128, 4, 4, waves=(1, 2, 4))
-        add_pipelined(16, 256, 4, 4, waves=(1, 2, 4))
     elif bucket <= 64:
         for bn in (64, 128):
             for bk in (64, 128):
@@ -99,8 +87,6 @@ def candidates(m: int, p: PreparedGPTQ, k_rows: int, sms: int) -> list[KernelCon
                 for deq in (False, True):
                     add("gemm", 64, bn, 64, 4, 3, deq=deq, swap=False)
         add("gemm", bucket, 64, 128, 4, 4, deq=True)          # an RS_PIPELINED tile
-        add_pipelined(bucket, 128, 4, 4)
-        add_pipelined(bucket, 256, *((4, 4) if bucket == 32 else (8, 3)))  # 32x256, 8 warps: serialized
     else:
         for bm, bn, warps, swap in ((128, 64, 4, True), (256, 64, 4, True), (128, 128, 8, True),
                                     (256, 128, 8, True), (64, 128, 4, False),
@@ -113,10 +99,7 @@ def candidates(m: int, p: PreparedGPTQ, k_rows: int, sms: int) -> list[KernelCon
                     splits=[1] if ctas >= sms else [1, 2])
         for bm, warps in RS_PIPELINED:
             if bm <= max(bucket, 64):
-                add_pipelined(bm, 64, warps, 3)
-        for bm, bn, warps, stages in SUB_TILES_PIPELINED:
-            if bm <= max(bucket, 64):
-                add_pipelined(bm, bn, warps, stages)
+                add("gemm", bm, 64, 128, warps, 3, deq=True, waves=(1,))
     if bucket >= 512:
         raw.append(KernelConfig("dequant"))
     out = [c for c in dict.fromkeys(raw) if check_config(c, p, k_rows) is None]

@@ -147,10 +147,6 @@ def interpreter_cases():
         (72, 96, 4, 32, False, True, h, C("gemm", block_n=64, block_k=32, swap=False)),
         (72, 128, 8, -1, True, False, h, C("gemm", block_n=32, block_k=64, swap=False,
                                            deq_first=True, split_k=2)),
-        (72, 96, 4, 32, False, True, h, C("gemm", block_n=64, block_k=32, deq_first=True,
-                                          sub_tiles=2, split_k=2)),
-        (80, 128, 8, -1, True, False, h, C("gemm", block_n=64, block_k=64, deq_first=True,
-                                           sub_tiles=4)),     # (bf16 deq_first: GPU only*)
     ]
 
 
@@ -228,11 +224,7 @@ def test_gpu_matches_reference(n, k, bits, group_size, sym, act_order, dtype):
                    KernelConfig("gemv", block_n=128, block_k=bk, split_k=2, num_stages=2),
                    KernelConfig("gemm", block_m=16, block_n=64, block_k=64, split_k=2),
                    KernelConfig("gemm", block_m=64, block_n=128, block_k=bk, deq_first=True),
-                   KernelConfig("gemm", block_m=64, block_n=64, block_k=bk, swap=False),
-                   KernelConfig("gemm", block_m=64, block_n=128, block_k=bk, deq_first=True,
-                                sub_tiles=2, split_k=2),
-                   KernelConfig("gemm", block_m=32, block_n=256, block_k=bk, deq_first=True,
-                                sub_tiles=4)]
+                   KernelConfig("gemm", block_m=64, block_n=64, block_k=bk, swap=False)]
         for cfg in configs:
             if (cfg.kind == "gemv" and m > 5) or check_config(cfg, p, k_rows):
                 continue
@@ -298,17 +290,13 @@ def test_tuner_tiles_keep_the_wgmma_pipeline_and_the_screen_sees_serialization(m
     from benchmark_loader import load_benchmark
     pytest.importorskip("triton")
     from gptq_lab.kernels.triton_gemm import KernelConfig
-    from gptq_lab.kernels.triton_tune import RS_PIPELINED, SUB_TILES_PIPELINED
+    from gptq_lab.kernels.triton_tune import RS_PIPELINED
     screen = load_benchmark("triton_sass", monkeypatch, tmp_path)
     if not Path(screen._tool("ptxas")).exists():
         pytest.skip("this Triton ships no ptxas")
     for bm, warps in RS_PIPELINED:
         r = screen.inspect(KernelConfig("gemm", bm, 64, 128, 1, True, warps, 3, True))
         assert (r["serialized"], r["loop waits"], r["HGMMA"], r["spill bytes"]) == (False, 0, 8, 0), (bm, r)
-    for bm, bn, warps, stages in SUB_TILES_PIPELINED:      # 64-row chains sharing the x tile
-        r = screen.inspect(KernelConfig("gemm", bm, bn, 128, 1, True, warps, stages, True, bn // 64))
-        expected = (False, 0, bn // 8, 0)                   # 8 wgmmas per 64 rows and K tile
-        assert (r["serialized"], r["loop waits"], r["HGMMA"], r["spill bytes"]) == expected, (bm, bn, r)
     r = screen.inspect(KernelConfig("gemm", 128, 128, 128, 1, True, 8, 3, True))      # one chain
     assert r["serialized"] and r["loop waits"] == r["HGMMA"] == 8, r
     r = screen.inspect(KernelConfig("gemm", 128, 64, 64, 1, True, 4, 3, True))
