@@ -16,7 +16,7 @@ timed the same way, once per ``--kernels`` variant: "default" (Triton), "cuda"
 each), labelled in the dtype column ("int4", "int4 cuda", "int4 default+fuse"...). Paths
 (``gptq_lab.generate``): "eager" is transformers' generate with its default dynamic cache;
 "fast" is ``StaticGreedy`` (static KV cache, decode step under
-torch.compile(fullgraph=True, mode="reduce-overhead"), i.e. CUDA graphs). Figures: greedy
+torch.compile(fullgraph=True), recorded in a CUDA graph per cache on a GPU). Figures: greedy
 decode tokens/s at batch 1 after a short and a long prompt and at larger batches (decode only:
 t(128 new) - t(1 new)), prefill tokens/s of the long prompt (prompt / time to first token),
 the weights' bytes and the peak allocation. The table goes to stdout and to $OUT/decode.txt
