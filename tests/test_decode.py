@@ -88,6 +88,10 @@ def test_static_cache_greedy_equals_transformers_generate():
     assert torch.equal(fast(ids, 12), eager)
     assert torch.equal(fast(ids, 12), eager)                                 # the reused cache is reset
     assert torch.equal(fast(ids, 5, cache_length=20), eager[:, :13])       # a longer cache, same tokens
+    with pytest.raises(ValueError, match="overrun"):
+        next(fast.steps(eager[:, 7:8], fast.cache(2, 20), 8, 13))
+    with pytest.raises(ValueError, match="not one of this"):
+        next(fast.steps(eager[:, 7:8], StaticGreedy(model, compile=False).cache(2, 20), 8, 1))
 
 
 def test_measure_decode_reports_every_figure():
