@@ -44,8 +44,15 @@ import torch
 from gptq_lab.kernels import ops as kernel_ops
 
 from gptq_lab import QuantConfig, load, quantize_model, save
-from gptq_lab.generate import (LLAMA_SHAPES, PATHS, DecodeSettings, figure_names, measure_decode,
-                               prepare_model, random_llama)
+from gptq_lab.generate import (
+    LLAMA_SHAPES,
+    PATHS,
+    DecodeSettings,
+    figure_names,
+    measure_decode,
+    prepare_model,
+    random_llama,
+)
 
 KERNELS = ("default", "cuda", "default+fuse", "cuda+fuse")
 QUANT = QuantConfig(bits=4, group_size=128, sym=True)

@@ -42,8 +42,8 @@ def demo_layer(layer: str, samples: int):
         ids = calibration_windows(tok, n_samples=samples, seqlen=512)
         t0 = time.perf_counter()
         hessians = collect_hessians(model, ids, names=[layer], device="cpu")
-        return model, hessians, f"demo model, {samples} x 512 protocol windows " \
-                                f"(Hessian collected in {time.perf_counter() - t0:.1f}s)"
+        return model, hessians, (f"demo model, {samples} x 512 protocol windows "
+                                 f"(Hessian collected in {time.perf_counter() - t0:.1f}s)")
     except AssetMissingError as e:
         import transformers as tf
         print(f"demo assets missing ({e}); using a random layer of the same shape")
@@ -73,7 +73,7 @@ def main() -> None:
     t0 = time.perf_counter()
     insp = LayerInspector(model, hessians, args.layer, config)
     t1 = time.perf_counter()
-    insp.widget
+    _ = insp.widget                                  # built on first access
     t2 = time.perf_counter()
     w = insp.cached.weight
     engine = []

@@ -81,8 +81,9 @@ def cmd_eval(args) -> None:
     from . import data
     from .eval import perplexity
     if Path(args.model).is_dir() and _is_quantized(Path(args.model)):
-        from . import io
         from transformers import AutoTokenizer
+
+        from . import io
         model, tokenizer = io.load(args.model), AutoTokenizer.from_pretrained(args.model)
     else:
         model, tokenizer = data.load_model(args.model)

@@ -238,8 +238,8 @@ class StaticGreedy:
         cache = self.cache(b, length)
         out = torch.empty((b, t + new_tokens), dtype=ids.dtype, device=ids.device)
         out[:, :t] = ids
-        token = out[:, t:t + 1] = self.prefill(ids, cache)
-        for i, token in enumerate(self.steps(token, cache, t, new_tokens - 1)):
+        first = out[:, t:t + 1] = self.prefill(ids, cache)
+        for i, token in enumerate(self.steps(first, cache, t, new_tokens - 1)):
             out[:, t + i + 1:t + i + 2] = token
         return out
 

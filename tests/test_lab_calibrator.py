@@ -96,7 +96,8 @@ def test_dataset_source_and_core_imports_without_lab_deps():
     import sys
     code = ("import sys; [sys.modules.__setitem__(m, None) for m in ('plotly', 'ipywidgets', 'pandas')]; "
             "import gptq_lab, gptq_lab.hessians, gptq_lab.pipeline; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         check=False)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
 
 

@@ -36,7 +36,7 @@ def done():
 
 
 def test_heatmap_fills_block_by_block(done):
-    q, seen = done
+    _, seen = done
     assert len(seen) == 2
     assert np.isfinite(seen[0][0]).all() and np.isnan(seen[0][1]).all()
     assert np.isfinite(seen[1]).all()

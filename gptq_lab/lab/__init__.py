@@ -12,4 +12,4 @@ from .evaluator import Evaluator
 from .inspector import LayerInspector
 from .quantizer import Quantizer
 
-__all__ = ["Calibrator", "LayerInspector", "Quantizer", "Evaluator"]
+__all__ = ["Calibrator", "Evaluator", "LayerInspector", "Quantizer"]

@@ -85,8 +85,8 @@ class Calibrator:
         s = self.summary()
         total = max(s["tokens"], 1)
         shares = ", ".join(f"{k} {v / total:.0%}" for k, v in s["shares"].items())
-        lines = [f"Calibrator {s['name']!r}: {s['n_samples']} x {s['seqlen']} tokens ({s['strategy']}), "
-                 f"{s['distinct_tokens']:,} distinct tokens, seed {self.seed}",
+        lines = [(f"Calibrator {s['name']!r}: {s['n_samples']} x {s['seqlen']} tokens ({s['strategy']}), "
+                  f"{s['distinct_tokens']:,} distinct tokens, seed {self.seed}"),
                  f"  sources: {shares}"]
         if self.hessians is None:
             lines.append("  Hessians: not collected (call .collect(model))")
@@ -258,4 +258,4 @@ def load_hessians(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.
     return hessians, absmax
 
 
-__all__ = ["Calibrator", "STRATEGIES", "save_hessians", "load_hessians"]
+__all__ = ["STRATEGIES", "Calibrator", "load_hessians", "save_hessians"]

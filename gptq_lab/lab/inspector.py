@@ -180,7 +180,7 @@ class LayerInspector:
     # ------------------------------------------------------------------ widget
     @property
     def controls(self) -> dict[str, W.Widget]:
-        self.widget
+        _ = self.widget                                   # builds the controls on first access
         return self._controls
 
     @property
@@ -191,7 +191,7 @@ class LayerInspector:
 
     def _build(self) -> W.Widget:
         cfg = self.config
-        style = dict(continuous_update=False)
+        style = {"continuous_update": False}
         self._controls = {
             "layer": W.Dropdown(options=self.layers, value=self.layer, description="layer",
                                 layout=W.Layout(width="380px")),
@@ -253,13 +253,13 @@ class LayerInspector:
         n, k = c.weight.shape
         g, rt = (float(e.sum()) for e in self._errors)
         lines = [
-            f"{self.layer}: [{n} x {k}], {r.bits}-bit, group {r.group_size}, "
-            f"{'sym' if r.sym else 'asym'}, act-order {'on' if r.perm is not None else 'off'}",
+            (f"{self.layer}: [{n} x {k}], {r.bits}-bit, group {r.group_size}, "
+             f"{'sym' if r.sym else 'asym'}, act-order {'on' if r.perm is not None else 'off'}"),
             f"  GPTQ loss {r.loss:.4g}; output error GPTQ {g:.4g} vs RTN {rt:.4g}",
-            f"  damp {r.damp_used:.3g} (x{r.damp_escalations} escalations), cond estimate "
-            f"{r.condition_number:.3g}, dead channels {int(c.dead.sum())}",
-            f"  last update {self.timings.get('total_s', 0):.3f}s "
-            f"(solve {self.timings.get('solve_s', 0):.3f}s)",
+            (f"  damp {r.damp_used:.3g} (x{r.damp_escalations} escalations), cond estimate "
+             f"{r.condition_number:.3g}, dead channels {int(c.dead.sum())}"),
+            (f"  last update {self.timings.get('total_s', 0):.3f}s "
+             f"(solve {self.timings.get('solve_s', 0):.3f}s)"),
         ]
         return lines + [f"  note: {n}" for n in r.notes]
 

@@ -239,9 +239,9 @@ class Quantizer:
 
     def __repr__(self) -> str:
         c = self.config
-        lines = [f"Quantizer {self.method.upper()} {c.bits}-bit g{c.group_size} "
-                 f"{'sym' if c.sym else 'asym'}{' act-order' if c.act_order else ''} damp {c.damp}: "
-                 f"{self._status_line()}"]
+        lines = [(f"Quantizer {self.method.upper()} {c.bits}-bit g{c.group_size} "
+                  f"{'sym' if c.sym else 'asym'}{' act-order' if c.act_order else ''} damp {c.damp}: "
+                  f"{self._status_line()}")]
         t = self.table() if self.results else None
         key = "loss" if t is not None and t["loss"].notna().any() else "output_error"
         if t is not None and key in t and t[key].notna().any():

@@ -32,8 +32,8 @@ def _json_safe(a) -> list:
 
 def _fig(title: str, height: int = 320, **layout) -> go.Figure:
     fig = go.Figure()
-    fig.update_layout(title=title, template=TEMPLATE, height=height, margin=dict(l=60, r=20, t=50, b=45),
-                      **layout)
+    fig.update_layout(title=title, template=TEMPLATE, height=height,
+                      margin={"l": 60, "r": 20, "t": 50, "b": 45}, **layout)
     return fig
 
 
@@ -64,9 +64,9 @@ def spectrum_figure(eigenvalues, damp_abs: float, condition_number: float, n_dea
                f"damp = {damp_abs:.3g}, dead channels = {n_dead}</sup>", height=340)
     fig.add_scatter(x=x, y=np.maximum(vals, TINY), name="eigenvalues of H", mode="lines")
     fig.add_scatter(x=x, y=np.maximum(vals + damp_abs, TINY), name="H + damp I", mode="lines",
-                    line=dict(dash="dot"))
+                    line={"dash": "dot"})
     fig.add_scatter(x=[0, max(len(vals) - 1, 1)], y=[max(damp_abs, TINY)] * 2, name="damping",
-                    mode="lines", line=dict(color="firebrick", width=1))
+                    mode="lines", line={"color": "firebrick", "width": 1})
     fig.update_yaxes(type="log", title="eigenvalue")
     fig.update_xaxes(title="index (descending)")
     return fig
@@ -88,7 +88,7 @@ def hessian_diagonal_figure(diag, absmax=None, name: str = "", factor: float = 1
     hover = None if absmax is None else [f"max |x| = {v:.3g}" for v in _np(absmax)]
     fig.add_scatter(x=np.arange(len(d)), y=np.maximum(d, TINY), mode="lines", name="H_jj", text=hover)
     fig.add_scatter(x=out, y=np.maximum(d[out], TINY), mode="markers", name="outliers",
-                    marker=dict(color="firebrick", size=7))
+                    marker={"color": "firebrick", "size": 7})
     fig.update_yaxes(type="log", title="H_jj")
     fig.update_xaxes(title="input channel")
     return fig
@@ -124,8 +124,10 @@ def column_error_figure(gptq_error, rtn_error, name: str = "") -> go.Figure:
     fig = _fig(f"Output error per input column {name}<br><sup>total: GPTQ {tg:.4g} vs RTN {tr:.4g}"
                f"{ratio}</sup>")
     x = np.arange(len(g))
-    fig.add_scatter(x=x, y=_json_safe(r), mode="lines", name="RTN", line=dict(color="gray", width=1))
-    fig.add_scatter(x=x, y=_json_safe(g), mode="lines", name="GPTQ", line=dict(color="royalblue", width=1))
+    fig.add_scatter(x=x, y=_json_safe(r), mode="lines", name="RTN",
+                    line={"color": "gray", "width": 1})
+    fig.add_scatter(x=x, y=_json_safe(g), mode="lines", name="GPTQ",
+                    line={"color": "royalblue", "width": 1})
     fig.update_xaxes(title="input channel")
     fig.update_yaxes(title="share of output error")
     return fig
@@ -151,8 +153,8 @@ def act_order_figure(perm, diag, name: str = "") -> go.Figure:
         "on: columns solved by decreasing Hessian diagonal"
     fig = _fig(f"Act-order permutation {name}<br><sup>{state}</sup>")
     fig.add_scatter(x=np.arange(len(order)), y=order, mode="markers", name="column",
-                    marker=dict(size=3, color=np.log10(np.maximum(d[order], TINY)), colorscale="Plasma",
-                                colorbar=dict(title="log10 H_jj")))
+                    marker={"size": 3, "color": np.log10(np.maximum(d[order], TINY)),
+                            "colorscale": "Plasma", "colorbar": {"title": "log10 H_jj"}})
     fig.update_xaxes(title="solve position")
     fig.update_yaxes(title="original input channel")
     return fig
@@ -173,7 +175,7 @@ def calibration_figure(shares: dict[str, int], doc_lengths: list[int], token_cou
     fig.update_yaxes(type="log", row=1, col=3)
     total = int(sum(shares.values()))
     fig.update_layout(title=f"Calibration set: {total:,} tokens, {len(counts):,} distinct", template=TEMPLATE,
-                      height=330, showlegend=False, margin=dict(l=50, r=20, t=70, b=40))
+                      height=330, showlegend=False, margin={"l": 50, "r": 20, "t": 70, "b": 40})
     return fig
 
 
@@ -183,13 +185,13 @@ def calibration_compare_figure(layers: list[str], similarity, cross_ratio=None,
     Hessian scored on B's, relative to solving with B's own (1 = no worse)."""
     fig = make_subplots(2, 1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=("Hessian similarity <H_A, H_B> / (|H_A| |H_B|)",
-                                        f"output error on {names[1]} when solved with {names[0]}, "
-                                        f"relative to solved with {names[1]}"))
+                                        (f"output error on {names[1]} when solved with {names[0]}, "
+                                         f"relative to solved with {names[1]}")))
     fig.add_scatter(x=layers, y=_np(similarity), mode="lines+markers", name="similarity", row=1, col=1)
     ratio = _np(cross_ratio) if cross_ratio is not None else np.full(len(layers), np.nan)
     fig.add_scatter(x=layers, y=_json_safe(ratio), mode="lines+markers", name="cross loss ratio", row=2, col=1)
     fig.update_layout(title=f"Calibration sets {names[0]} vs {names[1]}", template=TEMPLATE, height=480,
-                      showlegend=False, margin=dict(l=60, r=20, t=70, b=120))
+                      showlegend=False, margin={"l": 60, "r": 20, "t": 70, "b": 120})
     return fig
 
 
@@ -205,7 +207,7 @@ def loss_heatmap_figure(values, blocks: list[str], modules: list[str], title: st
     fig.add_heatmap(z=_json_safe(z), x=list(modules), y=list(blocks), customdata=_json_safe(v),
                     colorscale="Magma",
                     hovertemplate="%{y} %{x}<br>%{customdata:.4g}<extra></extra>",
-                    colorbar=dict(title="log10" if log else ""))
+                    colorbar={"title": "log10" if log else ""})
     fig.update_yaxes(autorange="reversed", title="block")
     return fig
 
@@ -222,7 +224,7 @@ def evaluation_figure(table) -> go.Figure:
             fig.add_bar(x=list(rows["eval_set"]), y=list(rows[key]), name=model, legendgroup=model,
                         showlegend=col == 1, row=1, col=col)
     fig.update_layout(title="Evaluation", template=TEMPLATE, barmode="group", height=360,
-                      margin=dict(l=50, r=20, t=70, b=40))
+                      margin={"l": 50, "r": 20, "t": 70, "b": 40})
     return fig
 
 
@@ -247,7 +249,7 @@ def layer_error_figure(errors: dict[str, list[float]], layers: list[str]) -> go.
     for model, err in errors.items():
         fig.add_scatter(x=layers, y=_json_safe(_np(err)), mode="lines+markers", name=model)
     fig.update_yaxes(type="log", title="relative squared error")
-    fig.update_layout(margin=dict(l=60, r=20, t=50, b=120))
+    fig.update_layout(margin={"l": 60, "r": 20, "t": 50, "b": 120})
     return fig
 
 
@@ -263,7 +265,7 @@ def cross_domain_figure(perplexity, calib: list[str], evals: list[str], title: s
                height=max(280, 120 + 45 * len(calib)))
     fig.add_heatmap(z=_json_safe(ratio), x=list(evals), y=list(calib), colorscale="Reds",
                     text=[[f"{v:.2f}" for v in row] for row in p], texttemplate="%{text}",
-                    customdata=_json_safe(p), colorbar=dict(title="/ best"),
+                    customdata=_json_safe(p), colorbar={"title": "/ best"},
                     hovertemplate="calibrated on %{y}<br>evaluated on %{x}<br>perplexity %{customdata:.3f}"
                                   "<extra></extra>")
     fig.update_yaxes(autorange="reversed", title="calibration")
@@ -281,7 +283,7 @@ def sample_curve_figure(n_samples: list[int], gptq_loss, perplexity: dict[str, l
         fig.add_scatter(x=n_samples, y=_json_safe(values), mode="lines+markers", name=name, row=1, col=1)
     marks = [(n, perplexity[e][n_samples.index(n)], e) for e, n in enough.items() if n is not None]
     fig.add_scatter(x=[m[0] for m in marks], y=[m[1] for m in marks], text=[m[2] for m in marks],
-                    mode="markers", marker=dict(symbol="diamond", size=12, color="black"),
+                    mode="markers", marker={"symbol": "diamond", "size": 12, "color": "black"},
                     name="enough samples", hovertemplate="%{text}: enough at n = %{x}<extra></extra>",
                     row=1, col=1)
     fig.add_scatter(x=n_samples, y=_json_safe(gptq_loss), mode="lines+markers", name="GPTQ loss",
@@ -289,7 +291,7 @@ def sample_curve_figure(n_samples: list[int], gptq_loss, perplexity: dict[str, l
     fig.update_xaxes(type="log", title="calibration samples", dtick=math.log10(2))
     fig.update_yaxes(type="log", row=1, col=1)
     fig.update_layout(title=f"How many calibration samples?<br><sup>{rule}</sup>", template=TEMPLATE,
-                      height=380, margin=dict(l=60, r=20, t=80, b=45))
+                      height=380, margin={"l": 60, "r": 20, "t": 80, "b": 45})
     return fig
 
 
@@ -302,7 +304,7 @@ def plan_figure(values, bits, blocks: list[str], modules: list[str], title: str 
     fig = _fig(title or "Sensitivity (log10) and planned bits", height=max(300, 60 + 16 * len(blocks)))
     fig.add_heatmap(z=_json_safe(z), x=list(modules), y=list(blocks), colorscale="Magma",
                     text=[["" if math.isnan(x) else str(int(x)) for x in row] for row in b],
-                    texttemplate="%{text}", customdata=_json_safe(v), colorbar=dict(title="log10"),
+                    texttemplate="%{text}", customdata=_json_safe(v), colorbar={"title": "log10"},
                     hovertemplate="block %{y} %{x}<br>sensitivity %{customdata:.4g}<br>%{text} bits"
                                   "<extra></extra>")
     fig.update_yaxes(autorange="reversed", title="block")
