@@ -246,8 +246,9 @@ class Evaluator:
         either). Meaningful on a GPU; on a CPU pass small ``DecodeSettings(..., compile=False)``
         (the defaults time 2048-token prompts). All models are timed in this process: on an
         H100 an int4 model timed after a compiled fp16 one read ~13% slower at batch 1 than
-        alone (not understood yet); ``benchmarks/decode.py --isolate`` times each model in a
-        process of its own."""
+        alone (not understood yet; measured with torch's CUDA graphs, before ``StaticGreedy``
+        recorded its own); ``benchmarks/decode.py --isolate`` times each model in a process of
+        its own."""
         from ..generate import measure_decode, prepare_model
         rows = []
         for name in models or list(self.models):
