@@ -155,7 +155,7 @@ class StaticGreedy:
 
     def __init__(self, model: nn.Module, compile: bool = True, mode: str | None = None,
                  dynamic: bool | None = None, pdl: bool | None = None, graphs: bool | None = None):
-        device = _device(model)
+        self.device = device = _device(model)
         self.model = model
         self.uncompiled = _Step(model)
         self.compiled = compile
@@ -183,7 +183,7 @@ class StaticGreedy:
             self._caches[key] = StaticCache(config=self.model.config, max_cache_len=length)
             if self.graphs:                           # its warm-up writes the cache: reset below
                 self._graphed[key] = _GraphedStep(self.step, self.uncompiled, self._caches[key],
-                                                  batch, _device(self.model))
+                                                  batch, self.device)
         cache = self._caches[key]
         cache.reset()
         return cache
@@ -230,7 +230,7 @@ class StaticGreedy:
         cache shape, so calls with fewer tokens reuse the compiled step of longer ones."""
         if new_tokens < 1:
             raise ValueError(f"new_tokens={new_tokens}; ask for at least 1")
-        ids = ids.to(_device(self.model))
+        ids = ids.to(self.device)
         b, t = ids.shape
         length = cache_length or t + new_tokens
         if length < t + new_tokens - 1:

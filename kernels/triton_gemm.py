@@ -111,17 +111,6 @@ def _k_tiles(K, BLOCK_K: tl.constexpr, split_k, pid_k):
     return t_lo, tl.minimum(t_lo + per_split, tiles)
 
 
-@triton.jit
-def _store_t(out_ptr, acc, offs_m, offs_n, M, N, stride_om, split_k):
-    """acc [BN, BM] (out^T) into out [M, N]: stored, or added when K is split."""
-    out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
-    mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
-    if split_k == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask, sem="relaxed")
-
-
 @triton.jit(do_not_specialize=["M"])
 def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om, stride_qn,
                  stride_sg, group_size, split_k,
@@ -168,14 +157,15 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
                 xs = tl.sum(xm.to(tl.float32), axis=1)                            # [BM]
                 acc += s[None, :] * (part - zf[None, :] * xs[:, None])
     if SWAP:
-        _store_t(out_ptr, acc, offs_m, offs_n, M, N, stride_om, split_k)
+        out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+        mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
     else:
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        if split_k == 1:
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.atomic_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask, sem="relaxed")
+    if split_k == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["M"])
