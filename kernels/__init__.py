@@ -9,11 +9,33 @@ Importing this package never initialises CUDA.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+import pkgutil
+import sys
 from collections.abc import Callable
 
 import torch
+
+
+def _hand_out_gptq_lab_kernels(name: str) -> None:
+    """This folder was imported as the top-level package ``name`` (the repository root on
+    sys.path; torch.compile was seen importing ``kernels.ops`` so in a checkout): point ``name``
+    and every submodule under it at gptq_lab.kernels' own modules, so that none runs twice. A
+    second copy registers the custom ops again (torch keeps the last registration, so compiled
+    code then called that copy, which tunes its own kernel choices apart from eager calls')."""
+    real = importlib.import_module("gptq_lab.kernels")
+    sys.modules[name] = real
+    for info in pkgutil.iter_modules(real.__path__):
+        try:
+            sys.modules[f"{name}.{info.name}"] = importlib.import_module(f"{real.__name__}.{info.name}")
+        except ImportError:                     # e.g. the Triton modules without triton
+            pass
+
+
+if __name__ != "gptq_lab.kernels":
+    _hand_out_gptq_lab_kernels(__name__)        # the import then returns gptq_lab.kernels
 
 from . import reference
 

@@ -1,4 +1,8 @@
 """available_backends(): only the kernels that can run on this machine; forcing one still works."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -28,3 +32,18 @@ def test_unknown_backend_names_what_runs_here(monkeypatch):
     x = torch.randn(1, 8)
     with pytest.raises(ValueError, match=r"backend='nope' is not available; available: \['reference'\]"):
         kernels.gptq_matmul(x, None, None, None, None, 4, backend="nope")
+
+
+@pytest.mark.parametrize("first", ["gptq_lab.kernels", "kernels.ops"])
+def test_the_folder_imported_as_kernels_is_gptq_lab_kernels(first):
+    """With the repository root on sys.path, kernels/ is also reachable as a top-level package
+    (torch.compile imported ``kernels.ops`` so on a GPU). It must hand out gptq_lab.kernels' own
+    modules: a second copy re-registered the custom ops, and compiled code then used that copy's
+    tuned kernel choices instead of the ones eager calls use (a GPU test saw 1-ulp differences)."""
+    root = Path(__file__).resolve().parent.parent
+    code = (f"import sys; sys.path.insert(0, {str(root)!r}); import {first}\n"
+            "import gptq_lab.kernels as real, kernels.ops, kernels.triton_pack\n"
+            "print(sys.modules['kernels'] is real, kernels.ops is real.ops,"
+            " kernels.triton_pack is real.triton_pack, sys.modules['kernels.reference'] is real.reference)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True"] * 4, out.stderr

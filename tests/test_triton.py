@@ -249,13 +249,18 @@ class TinyQuantModel(torch.nn.Module):
 
     def __init__(self, k: int = 256, hidden: int = 384, n: int = 200):
         super().__init__()
-        layer1 = make_layer(hidden, k, 4, 128, sym=False, act_order=True, device="cuda")
-        self.p1 = prepare(*layer1, 4)
-        self.p2 = prepare(*make_layer(n, hidden, 4, 64, sym=True, seed=1, device="cuda"), 4)
+        self.layers = (make_layer(hidden, k, 4, 128, sym=False, act_order=True, device="cuda"),
+                       make_layer(n, hidden, 4, 64, sym=True, seed=1, device="cuda"))
+        self.p1, self.p2 = (prepare(*layer, 4) for layer in self.layers)
 
     def forward(self, x):
         from gptq_lab.kernels.ops import gptq_mm
         return gptq_mm(torch.nn.functional.silu(gptq_mm(x, self.p1)), self.p2)
+
+    def reference(self, x):
+        """The same in float64 from the checkpoint tensors (dequantize_gptq)."""
+        w1, w2 = (dequantize_gptq(*layer, 4).double() for layer in self.layers)
+        return torch.nn.functional.silu(x.double() @ w1) @ w2
 
 
 @pytest.mark.gpu
@@ -266,9 +271,11 @@ def test_gpu_torch_compile_fullgraph_matches_eager(mode):
     model = TinyQuantModel()
     x = torch.randn(2, 3, 256, device="cuda", dtype=torch.float16)
     eager = model(x)
+    assert rel_err(eager, model.reference(x)) < TOL[torch.float16]
     compiled = torch.compile(model, fullgraph=True, mode=mode)
     for _ in range(3):                                     # warm-up, record, replay
         out = compiled(x)
+    assert rel_err(out, model.reference(x)) < TOL[torch.float16]
     torch.testing.assert_close(out, eager, rtol=2e-3, atol=2e-3)
 
 
