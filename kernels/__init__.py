@@ -21,10 +21,12 @@ import torch
 
 def _hand_out_gptq_lab_kernels(name: str) -> None:
     """This folder was imported as the top-level package ``name``, which a checkout whose root
-    is on sys.path allows (on a GPU, torch.compile was seen importing ``kernels.ops`` that way):
-    point ``name`` and every submodule under it at gptq_lab.kernels' own modules, so that none
-    runs twice. A second copy registers the custom ops again; torch keeps the last registration,
-    so compiled code called that copy, which tuned its own kernel choices apart from eager calls'."""
+    is on sys.path allows (``python -m pytest`` from it, or PYTHONPATH): transformers does so
+    when it checks for Hugging Face's ``kernels`` package (``is_kernels_available``) and finds
+    this folder without distribution metadata. Point ``name`` and every submodule under it at
+    gptq_lab.kernels' own modules, so that none runs twice. A second copy registers the custom
+    ops again; torch keeps the last registration, so compiled code called that copy, which
+    tuned its own kernel choices apart from eager calls' (1-ulp differences on a GPU)."""
     real = importlib.import_module("gptq_lab.kernels")
     sys.modules[name] = real
     for info in pkgutil.iter_modules(real.__path__):
