@@ -15,21 +15,21 @@ memory-bound, yet they run one after the other. This times the four linear layer
   (``torch._C._set_sm_carveout_experimental``, cuBLASLt only); c0 sets no carveout.
 - ``fp16 cN``: the fp16 products alone under the same carveout (what the carveout costs).
 
-Each result is checked equal to the serial one. CUDA events around ``--reps`` whole sequences;
-the median per block is printed.
+Each result is checked equal to the serial one. Each variant is timed over the whole sequence
+by ``prefill_matmul.ms`` (do_bench median, L2 flushed), printed per block. (The tenth session's
+figures, ``results/prefill_overlap_tenth_h100.txt``, came from 9e0fe96, which timed the median
+of 15 sequences with CUDA events instead.)
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
-import statistics
 
 import torch
+from prefill_matmul import SHAPES, ms
 
 from kernels import gptq_layer
-
-SHAPES = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)]       # K x N: qkv, o, gate_up, down
 
 
 @contextlib.contextmanager
@@ -48,26 +48,10 @@ def blas(carveout: int | None):
         torch.backends.cuda.preferred_blas_library(before)
 
 
-def timed(fn, reps: int) -> float:
-    """Median ms of ``fn()`` over ``reps`` runs after two warm-ups."""
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", type=int, default=2048)
     ap.add_argument("--blocks", type=int, default=4)
-    ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--carveouts", default="0,8,16,24")
     args = ap.parse_args()
     from gptq_lab.kernels import cuda_ops, cuda_pack
@@ -76,10 +60,10 @@ def main() -> None:
     torch.manual_seed(0)
     layers, w16 = [], []
     for _ in range(args.blocks):
-        for k, n in SHAPES:
+        for k, n in SHAPES.values():
             layers.append(cuda_pack.prepare(*gptq_layer(k, n), 4, torch.float16))
             w16.append(torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02)
-    xs = {k: torch.randn(args.m, k, device="cuda", dtype=torch.float16) for k, _ in SHAPES}
+    xs = {k: torch.randn(args.m, k, device="cuda", dtype=torch.float16) for k, _ in SHAPES.values()}
     biggest = max(p.out_features * p.in_features for p in layers)
     bufs = [torch.empty(biggest, device="cuda", dtype=torch.float16) for _ in range(2)]
 
@@ -126,21 +110,21 @@ def main() -> None:
 
     reference = [y.clone() for y in serial()]
     per_block = 1.0 / args.blocks
-    rows = [("fp16 (cuBLAS)", timed(fp16, args.reps) * per_block),
-            ("serial (cuBLAS)", timed(serial, args.reps) * per_block)]
+    rows = [("fp16 (cuBLAS)", ms(fp16) * per_block),
+            ("serial (cuBLAS)", ms(serial) * per_block)]
     for c in (int(v) for v in args.carveouts.split(",")):
         with blas(c):
             got = prefetch()
             if not all(torch.equal(a, b) for a, b in zip(got, serial(), strict=True)):
                 raise SystemExit(f"prefetch c{c} differs from serial under the same settings")
-            rows.append((f"fp16 c{c} (cuBLASLt)", timed(fp16, args.reps) * per_block))
-            rows.append((f"serial c{c} (cuBLASLt)", timed(serial, args.reps) * per_block))
-            rows.append((f"prefetch c{c} (cuBLASLt)", timed(prefetch, args.reps) * per_block))
+            rows.append((f"fp16 c{c} (cuBLASLt)", ms(fp16) * per_block))
+            rows.append((f"serial c{c} (cuBLASLt)", ms(serial) * per_block))
+            rows.append((f"prefetch c{c} (cuBLASLt)", ms(prefetch) * per_block))
     err = max(float((a.float() - b.float()).abs().max() / b.float().abs().max())
               for a, b in zip(prefetch(), reference, strict=True))
     base = rows[0][1]
     lines = [(f"{dev}, M = {args.m}, {args.blocks} distinct 7B blocks (qkv, o, gate_up, down), "
-              f"median of {args.reps}; ms per block"),
+              "do_bench median; ms per block"),
              *(f"{name:>26}: {ms:.3f} ms  ({base / ms:.2f}x fp16 cuBLAS)" for name, ms in rows),
              f"largest difference of prefetch (torch defaults) from serial: {err:.1e} of max |y|"]
     print("\n".join(lines), flush=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import pkgutil
 import sys
 from collections.abc import Callable
 
@@ -23,17 +22,18 @@ def _hand_out_gptq_lab_kernels(name: str) -> None:
     """This folder was imported as the top-level package ``name``, which a checkout whose root
     is on sys.path allows (``python -m pytest`` from it, or PYTHONPATH): transformers does so
     when it checks for Hugging Face's ``kernels`` package (``is_kernels_available``) and finds
-    this folder without distribution metadata. Point ``name`` and every submodule under it at
-    gptq_lab.kernels' own modules, so that none runs twice. A second copy registers the custom
-    ops again; torch keeps the last registration, so compiled code called that copy, which
-    tuned its own kernel choices apart from eager calls' (1-ulp differences on a GPU)."""
+    this folder without distribution metadata. Point ``name`` and the submodules loaded so far
+    at gptq_lab.kernels' own modules, so that none runs twice (those it loads later, the Triton
+    ones on first use, are imported by relative imports, never under ``name``). A second copy
+    registers the custom ops again; torch keeps the last registration, so compiled code called
+    that copy, which tuned its own kernel choices apart from eager calls' (1-ulp differences on
+    a GPU). Only gptq_lab.kernels itself is imported here (it imports no Triton)."""
     real = importlib.import_module("gptq_lab.kernels")
+    prefix = real.__name__ + "."
+    for full, module in list(sys.modules.items()):
+        if full.startswith(prefix):
+            sys.modules[f"{name}.{full[len(prefix):]}"] = module
     sys.modules[name] = real
-    for info in pkgutil.iter_modules(real.__path__):
-        try:
-            sys.modules[f"{name}.{info.name}"] = importlib.import_module(f"{real.__name__}.{info.name}")
-        except ImportError:                     # e.g. the Triton modules without triton
-            pass
 
 
 if __name__ != "gptq_lab.kernels":

@@ -245,10 +245,10 @@ class Evaluator:
         weights figure is what a deployed model holds, after which the models cannot be saved
         either). Meaningful on a GPU; on a CPU pass small ``DecodeSettings(..., compile=False)``
         (the defaults time 2048-token prompts). All models are timed in this process: on an
-        H100 an int4 model timed after a compiled fp16 one read ~13% slower at batch 1 than
-        alone (not understood yet; measured with torch's CUDA graphs, before ``StaticGreedy``
-        recorded its own); ``benchmarks/decode.py --isolate`` times each model in a process of
-        its own."""
+        H100 ``benchmarks/decode.py`` timed an int4 model after a compiled fp16 one ~7% slower at
+        batch 1 than alone (429 against 461 tokens/s; not understood yet), while this method's
+        own run in notebook 06 lost nothing measurable (453); ``benchmarks/decode.py --isolate``
+        times each model in a process of its own."""
         from ..generate import measure_decode, prepare_model
         rows = []
         for name in models or list(self.models):
