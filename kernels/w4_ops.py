@@ -1,0 +1,122 @@
+"""The CUTLASS W4A16 GEMM (``kernels/cuda/w4_gemm*.cu``) as a torch custom op, compiled on first
+use: the large-batch int4 path on Hopper (sm_90a), where it runs the whole GEMM on tensor
+cores with the weights dequantized in registers instead of writing W out in fp16 first.
+
+    p = w4_pack.prepare(qweight, scales, qzeros, g_idx, 4, torch.float16)     # once, at load
+    y = w4_mm(x, p)                     # x [..., K] fp16/bf16 on an sm_90 GPU -> [..., N]
+
+Built by ``torch.utils.cpp_extension.load`` (one unit per configuration, compiled in parallel;
+a few minutes; cached by torch under ``TORCH_EXTENSIONS_DIR``) against CUTLASS's headers, which
+come from the PyPI package ``nvidia-cutlass`` (installed with ``--no-deps``: only its headers are
+used) or from ``GPTQ_LAB_CUTLASS_DIR`` (a CUTLASS checkout). ``unavailable()`` says why the GEMM
+cannot run here. Importing this module builds nothing and touches no GPU.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from .ops import run_op
+from .w4_pack import PreparedW4, kernel_input
+
+CUDA_DIR = Path(__file__).parent / "cuda"
+SOURCES = [CUDA_DIR / "w4_binding.cpp", *sorted(CUDA_DIR.glob("w4_gemm_*.cu"))]
+NVCC_FLAGS = ["-O3", "-DNDEBUG", "-std=c++17", "--expt-relaxed-constexpr",
+              "-gencode=arch=compute_90a,code=sm_90a",
+              # torch's defaults hide the half operators CUTLASS uses
+              "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+              "-U__CUDA_NO_HALF2_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+
+
+def cutlass_include_dirs() -> list[str]:
+    """CUTLASS's include folders: ``$GPTQ_LAB_CUTLASS_DIR/{include,tools/util/include}``, else
+    those inside the ``nvidia-cutlass`` package (found without importing it)."""
+    root = os.environ.get("GPTQ_LAB_CUTLASS_DIR")
+    if root is None:
+        spec = importlib.util.find_spec("cutlass_library")
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError("the CUTLASS headers were not found: pip install --no-deps nvidia-cutlass, "
+                               "or set GPTQ_LAB_CUTLASS_DIR to a CUTLASS checkout")
+        root = str(Path(next(iter(spec.submodule_search_locations))) / "source")
+    dirs = [str(Path(root) / "include"), str(Path(root) / "tools" / "util" / "include")]
+    if not (Path(dirs[0]) / "cutlass" / "cutlass.h").is_file():
+        raise RuntimeError(f"no cutlass/cutlass.h under {dirs[0]}")
+    return dirs
+
+
+@functools.cache
+def _build():
+    """Compile (or load the cached build of) the extension; raises RuntimeError on failure."""
+    from torch.utils.cpp_extension import CUDA_HOME, load
+    if CUDA_HOME is None and shutil.which("nvcc") is None:
+        raise RuntimeError("no CUDA compiler (nvcc) found; set CUDA_HOME to build the W4 GEMM")
+    include = cutlass_include_dirs()
+    digest = hashlib.sha1(b"".join(f.read_bytes() for f in sorted(CUDA_DIR.glob("w4_*"))))
+    return load(name=f"gptq_lab_w4_{digest.hexdigest()[:10]}", sources=[str(s) for s in SOURCES],
+                extra_cuda_cflags=NVCC_FLAGS, extra_cflags=["-O3"], extra_include_paths=include,
+                verbose=bool(os.environ.get("GPTQ_LAB_VERBOSE_BUILD")))
+
+
+@functools.cache
+def unavailable() -> str | None:
+    """None when the W4 GEMM can run on this machine, else why not."""
+    if not torch.cuda.is_available() or torch.version.cuda is None:
+        return "no CUDA device"
+    if torch.cuda.get_device_capability() != (9, 0):
+        return "the W4 GEMM is built for Hopper (sm_90a) GPUs only"
+    try:
+        _build()
+    except (RuntimeError, OSError, ImportError) as e:    # no compiler or headers, a build error
+        why = f"the W4 GEMM failed to build: {str(e).strip().splitlines()[-1][:300]}"
+        warnings.warn(f"gptq_lab: {why}; large batches use the other kernels", stacklevel=2)
+        return why
+    return None
+
+
+@functools.cache
+def configs() -> dict[str, tuple[int, bool, int, bool]]:
+    """name -> (dtype 0 fp16 / 1 bf16, zero points, batch rows per tile, stream-K), as built."""
+    return {name: (dtype, zero, tile, sk) for name, dtype, zero, tile, sk in _build().w4_configs()}
+
+
+def choose(m: int, dtype: torch.dtype, zero: bool) -> str:
+    """The configuration for M rows: the smallest tile that holds them (stream-K where built),
+    else the largest tile."""
+    want = 1 if dtype == torch.bfloat16 else 0
+    fits = sorted((tile, not sk, name) for name, (d, z, tile, sk) in configs().items()
+                  if d == want and z == zero)
+    if not fits:
+        raise ValueError(f"no W4 GEMM is built for {dtype} with zero points={zero}")
+    return next((name for tile, _, name in fits if tile >= m), fits[-1][2])
+
+
+def _w4_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+           group_size: int, out_features: int, config: str) -> torch.Tensor:
+    """x [M, K'] (kernel order, contiguous) -> [M, N] in x's dtype."""
+    return _build().w4_gemm(x, w, scales, zeros, group_size, out_features, config)
+
+
+w4_gemm = torch.library.custom_op("gptq_lab::w4_mm", _w4_mm, mutates_args=())
+
+
+@w4_gemm.register_fake
+def _(x, w, scales, zeros, group_size, out_features, config):
+    return x.new_empty((x.shape[0], out_features))
+
+
+def w4_mm(x: torch.Tensor, p: PreparedW4, config: str | None = None) -> torch.Tensor:
+    """x [..., K] in p.dtype on an sm_90 GPU -> [..., N]; ``config`` forces a configuration."""
+    if x.dtype != p.dtype:
+        raise ValueError(f"x is {x.dtype} but the layer was prepared for {p.dtype}")
+    flat = kernel_input(x.reshape(-1, p.in_features), p)
+    config = config or choose(flat.shape[0], p.dtype, p.zeros is not None)
+    out = run_op(torch.ops.gptq_lab.w4_mm, _w4_mm, flat, p.w, p.scales, p.zeros, p.group_size,
+                 p.out_features, config)
+    return out.reshape(*x.shape[:-1], p.out_features)
