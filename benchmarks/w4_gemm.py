@@ -7,7 +7,8 @@ Hopper GPU: the large-batch rows of issue #6 and the prefill products of issue #
 Per (shape, M): fp16 ``torch.matmul``; Triton's fused kernel (what ``QuantLinear`` runs up to
 ``dequant_above`` rows); the CUDA layout as a ``cuda_decode`` layer runs it (the decode kernel
 up to ``cuda_ops.MAX_SLAB_M`` rows, dequantize + cuBLAS above); and each W4 configuration built
-for fp16 (``auto`` is ``w4_ops.choose``'s pick). Every output is first checked against the
+for fp16 (``auto`` is ``w4_ops.choose``'s pick), reading the same CUDA layout (its time
+includes the per-call column permutation of x and the scales/zeros made from the layout). Every output is first checked against the
 float64 product (relative error < 2e-3). Timing as ``benchmarks/kernels.py``'s ``rotate`` mode:
 GPU time of CUDA-graph replays over weight copies that together exceed 3 x L2, median.
 The 7B rows are the four products of one Llama-2-7B block at the prefill's M (fused q/k/v and
@@ -33,9 +34,9 @@ def layers(k: int, n: int, count: int):
     out = []
     for _ in range(count):
         layer = gptq_layer(k, n)
-        out.append({"layer": layer, "triton": triton_pack.prepare(*layer, 4),
-                    "cuda": cuda_pack.prepare(*layer, 4, torch.float16),
-                    "w4": w4_pack.prepare(*layer, 4, torch.float16)})
+        cuda = cuda_pack.prepare(*layer, 4, torch.float16)
+        out.append({"layer": layer, "triton": triton_pack.prepare(*layer, 4), "cuda": cuda,
+                    "columns": w4_pack.gemm_columns(cuda)})
     return out
 
 
@@ -44,10 +45,10 @@ def paths(x: torch.Tensor):
     from gptq_lab.kernels import cuda_ops, triton_gemm, w4_ops
     fns = {"triton": lambda c: triton_gemm.matmul(x, c["triton"]),
            "cuda": lambda c: cuda_ops.matmul(x, c["cuda"]),
-           "w4 auto": lambda c: w4_ops.w4_mm(x, c["w4"])}
-    for name, (dtype, zero, _, _) in w4_ops.configs().items():
-        if dtype == 0 and not zero:
-            fns[f"w4 {name}"] = lambda c, name=name: w4_ops.w4_mm(x, c["w4"], name)
+           "w4 auto": lambda c: w4_ops.w4_mm(x, c["cuda"], columns=c["columns"])}
+    for name, (dtype, _, _) in w4_ops.configs().items():
+        if dtype == 0:
+            fns[f"w4 {name}"] = lambda c, name=name: w4_ops.w4_mm(x, c["cuda"], name, c["columns"])
     return fns
 
 

@@ -152,10 +152,9 @@ def _unpairs(pairs: torch.Tensor) -> torch.Tensor:
     return pairs.transpose(2, 3).reshape(g_count, nt * TILE)
 
 
-def dequantize_prepared(p: PreparedCUDA) -> torch.Tensor:
-    """The weight in kernel order, float32 [K', N], read back from the packed layout the way
-    the kernel reads it (nibble -> A-fragment position -> permuted k), with its arithmetic:
-    (MAGIC + code) - (MAGIC + zero) exact in the dtype, times the fp32 scale."""
+def unpack_prepared(p: PreparedCUDA) -> torch.Tensor:
+    """The codes, int64 [N', K'64] in kernel row order, read back from the packed layout the
+    way the kernel reads it (nibble -> A-fragment position -> permuted k)."""
     kc, nt = p.qweight.shape[:2]
     dev = p.qweight.device
     words = p.qweight.transpose(0, 1).to(torch.int64) & 0xFFFFFFFF                 # [nt,kc,32,4]
@@ -166,16 +165,28 @@ def dequantize_prepared(p: PreparedCUDA) -> torch.Tensor:
     tiles[:, :, :, row, col] = nibbles                                             # [nt,kc,j,n,kk]
     chunks = torch.zeros(nt, TILE, kc, CHUNK, dtype=torch.int64, device=dev)
     chunks[..., _chunk_order().to(dev)] = tiles.permute(0, 3, 1, 2, 4)
-    codes = chunks.reshape(nt * TILE, kc * CHUNK)                                  # [Np, Kp]
-    factor = _row_factor(p.dtype).to(dev)
-    zeros = _unpairs(p.meta[..., :1].contiguous().view(p.dtype).float())         # [G, Np]
-    scales = _unpairs(p.meta[..., 1:].contiguous().view(torch.float16).float())   # [G, Np]
-    rows_factor = _unpairs(factor.expand(1, nt, 8, 2))[0]                          # [Np]
-    grp = torch.arange(kc * CHUNK, device=dev) // p.group_size
-    magic = MAGIC[p.dtype]
-    diff = (codes.t().float() * rows_factor + magic) - zeros[grp]                  # exact
-    w = diff / rows_factor * scales[grp]                     # [Kp, Np]; kernel: x 1/16 exact
+    return chunks.reshape(nt * TILE, kc * CHUNK)                                   # [Np, Kp]
+
+
+def dequantize_prepared(p: PreparedCUDA) -> torch.Tensor:
+    """The weight in kernel order, float32 [K', N], read back from the packed layout the way
+    the kernel reads it, with its arithmetic: (MAGIC + code) - (MAGIC + zero) exact in the
+    dtype, times the fp32 scale."""
+    codes = unpack_prepared(p)                                                     # [Np, Kp]
+    scales, zeros = scales_and_zeros(p)                                            # [G, Np]
+    grp = torch.arange(codes.shape[1], device=codes.device) // p.group_size
+    w = (codes.t().float() - zeros[grp]) * scales[grp]                             # [Kp, Np]
     return w[:p.k_rows, :p.out_features]
+
+
+def scales_and_zeros(p: PreparedCUDA) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layout's fp16 scales and zero points, read back from ``meta``: two float32
+    [G, N'] tensors (exact)."""
+    nt = p.meta.shape[1]
+    factor = _unpairs(_row_factor(p.dtype).to(p.meta.device).expand(1, nt, 8, 2))[0]   # [Np]
+    zero_records = _unpairs(p.meta[..., :1].contiguous().view(p.dtype).float())   # MAGIC + z f
+    scales = _unpairs(p.meta[..., 1:].contiguous().view(torch.float16).float())
+    return scales, (zero_records - MAGIC[p.dtype]) / factor
 
 
 def kernel_input(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:

@@ -2,8 +2,11 @@
 use: the large-batch int4 path on Hopper (sm_90a), where it runs the whole GEMM on tensor
 cores with the weights dequantized in registers instead of writing W out in fp16 first.
 
-    p = w4_pack.prepare(qweight, scales, qzeros, g_idx, 4, torch.float16)     # once, at load
+    p = cuda_pack.prepare(qweight, scales, qzeros, g_idx, 4, torch.float16)   # the decode layout
     y = w4_mm(x, p)                     # x [..., K] fp16/bf16 on an sm_90 GPU -> [..., N]
+
+It reads the CUDA decode kernel's layout as it is (``w4_pack`` says how), so a layer keeps one
+copy of its weights for decode and prefill.
 
 Built by ``torch.utils.cpp_extension.load`` (one unit per configuration, compiled in parallel;
 a few minutes; cached by torch under ``TORCH_EXTENSIONS_DIR``) against CUTLASS's headers, which
@@ -23,8 +26,9 @@ from pathlib import Path
 
 import torch
 
+from .cuda_pack import PreparedCUDA
 from .ops import run_op
-from .w4_pack import PreparedW4, kernel_input
+from .w4_pack import gemm_columns, gemm_input, gemm_scales
 
 CUDA_DIR = Path(__file__).parent / "cuda"
 SOURCES = [CUDA_DIR / "w4_binding.cpp", *sorted(CUDA_DIR.glob("w4_gemm_*.cu"))]
@@ -81,42 +85,47 @@ def unavailable() -> str | None:
 
 
 @functools.cache
-def configs() -> dict[str, tuple[int, bool, int, bool]]:
-    """name -> (dtype 0 fp16 / 1 bf16, zero points, batch rows per tile, stream-K), as built."""
-    return {name: (dtype, zero, tile, sk) for name, dtype, zero, tile, sk in _build().w4_configs()}
+def configs() -> dict[str, tuple[int, int, bool]]:
+    """name -> (dtype 0 fp16 / 1 bf16, batch rows per tile, stream-K), as built."""
+    return {name: (dtype, tile, sk) for name, dtype, tile, sk in _build().w4_configs()}
 
 
-def choose(m: int, dtype: torch.dtype, zero: bool) -> str:
-    """The configuration for M rows: the smallest tile that holds them (stream-K where built),
-    else the largest tile."""
+def choose(m: int, dtype: torch.dtype) -> str:
+    """The configuration for M rows: the smallest tile that holds them (stream-K first), else
+    the largest tile."""
     want = 1 if dtype == torch.bfloat16 else 0
-    fits = sorted((tile, not sk, name) for name, (d, z, tile, sk) in configs().items()
-                  if d == want and z == zero)
+    fits = sorted((tile, not sk, name) for name, (d, tile, sk) in configs().items() if d == want)
     if not fits:
-        raise ValueError(f"no W4 GEMM is built for {dtype} with zero points={zero}")
+        raise ValueError(f"no W4 GEMM is built for {dtype}")
     return next((name for tile, _, name in fits if tile >= m), fits[-1][2])
 
 
-def _w4_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-           group_size: int, out_features: int, config: str) -> torch.Tensor:
-    """x [M, K'] (kernel order, contiguous) -> [M, N] in x's dtype."""
-    return _build().w4_gemm(x, w, scales, zeros, group_size, out_features, config)
+def _w4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+           group_size: int, config: str) -> torch.Tensor:
+    """x [M, K'] (GEMM column order, contiguous) -> [M, N'] in x's dtype."""
+    return _build().w4_gemm(x, qweight, scales, zeros, group_size, config)
 
 
 w4_gemm = torch.library.custom_op("gptq_lab::w4_mm", _w4_mm, mutates_args=())
 
 
 @w4_gemm.register_fake
-def _(x, w, scales, zeros, group_size, out_features, config):
-    return x.new_empty((x.shape[0], out_features))
+def _(x, qweight, scales, zeros, group_size, config):
+    return x.new_empty((x.shape[0], scales.shape[1]))
 
 
-def w4_mm(x: torch.Tensor, p: PreparedW4, config: str | None = None) -> torch.Tensor:
-    """x [..., K] in p.dtype on an sm_90 GPU -> [..., N]; ``config`` forces a configuration."""
+def w4_mm(x: torch.Tensor, p: PreparedCUDA, config: str | None = None,
+          columns: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] in p.dtype on an sm_90 GPU -> [..., N]. ``config`` forces a configuration;
+    ``columns`` is ``w4_pack.gemm_columns(p)`` when the caller keeps it (else made here)."""
     if x.dtype != p.dtype:
         raise ValueError(f"x is {x.dtype} but the layer was prepared for {p.dtype}")
-    flat = kernel_input(x.reshape(-1, p.in_features), p)
-    config = config or choose(flat.shape[0], p.dtype, p.zeros is not None)
-    out = run_op(torch.ops.gptq_lab.w4_mm, _w4_mm, flat, p.w, p.scales, p.zeros, p.group_size,
-                 p.out_features, config)
+    flat = x.reshape(-1, p.in_features)
+    flat = gemm_input(flat, gemm_columns(p) if columns is None else columns, p.in_features)
+    scales, zeros = gemm_scales(p)
+    config = config or choose(flat.shape[0], p.dtype)
+    out = run_op(torch.ops.gptq_lab.w4_mm, _w4_mm, flat, p.qweight, scales, zeros, p.group_size,
+                 config)
+    if out.shape[1] != p.out_features:
+        out = out[:, :p.out_features]
     return out.reshape(*x.shape[:-1], p.out_features)

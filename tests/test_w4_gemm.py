@@ -1,8 +1,9 @@
 """The CUTLASS W4A16 GEMM (kernels/w4_ops.py, kernels/cuda/w4_gemm*) against the torch reference.
 
-CPU: the repacking (pure torch; read back it gives the reference weight), the shuffle formula
-against CUTLASS's own layout (a host program built with nvcc, where nvcc and the CUTLASS headers
-are present), and one configuration compiles for sm_90a with no spills and no serialized wgmma.
+CPU: the GEMM's operands (the CUDA decode layout read as CUTLASS reads it, permuted x, dtype
+scales and zeros) multiply as the reference; the layout formula against CUTLASS's own (a host
+program built with nvcc, where nvcc and the CUTLASS headers are present); one configuration
+compiles for sm_90a with no spills and no serialized wgmma.
 GPU (marked ``gpu``, Hopper only): a sweep of shapes, batch sizes, group sizes, act-order,
 sym/asym and both dtypes, every built configuration, and torch.compile.
 """
@@ -15,16 +16,9 @@ import subprocess
 import pytest
 import torch
 from gptq_lab.kernels import w4_ops
+from gptq_lab.kernels.cuda_pack import CHUNK, _chunk_order, _pack_codes, prepare
 from gptq_lab.kernels.reference import dequantize_gptq
-from gptq_lab.kernels.w4_pack import (
-    dequantize_prepared,
-    kernel_input,
-    pack_codes,
-    prepare,
-    shuffle_offsets,
-    supports,
-    unpack_codes,
-)
+from gptq_lab.kernels.w4_pack import dequantize_for_gemm, gemm_columns, gemm_input
 from test_triton import TOL, make_layer, rel_err
 
 
@@ -46,68 +40,52 @@ def _nvcc(*args: str) -> subprocess.CompletedProcess:
 
 # ------------------------------------------------------------------ CPU: layout
 
-def test_shuffle_offsets_are_a_permutation_and_pack_round_trips():
-    n, k = 48, 128
-    offsets = shuffle_offsets(n, k)
-    assert torch.equal(offsets.reshape(-1).sort().values, torch.arange(n * k))
-    codes = torch.randint(0, 16, (n, k))
-    packed = pack_codes(codes)
-    assert packed.dtype == torch.uint8 and packed.numel() == n * k // 2
-    assert torch.equal(unpack_codes(packed, n, k), codes)
-
-
 @pytest.mark.parametrize("n,k,group_size,sym,act_order,dtype", [
     (32, 256, 128, True, False, torch.float16),
-    (48, 320, 64, False, True, torch.float16),       # act-order, K padded to 384
-    (16, 200, -1, False, False, torch.bfloat16),     # per-channel
+    (48, 320, 64, False, True, torch.float16),       # act-order, K' padded
+    (16, 200, -1, False, False, torch.bfloat16),     # per-channel, K padded to 256
     (64, 384, 128, True, True, torch.bfloat16),
 ])
-def test_packed_layout_reads_back_as_the_reference(n, k, group_size, sym, act_order, dtype):
+def test_gemm_operands_multiply_as_the_reference(n, k, group_size, sym, act_order, dtype):
+    """The GEMM's x (permuted columns) times its W (decode layout, dtype scales and zeros)
+    equals x @ the reference weight."""
     layer = make_layer(n, k, 4, group_size, sym=sym, act_order=act_order)
     p = prepare(*layer, 4, dtype)
-    assert (p.zeros is None) == sym
-    ref = dequantize_gptq(*layer, 4)                                          # [K, N] fp32
     x = torch.randn(3, k)
-    got = dequantize_prepared(p)                                              # [K', N]
-    assert rel_err(kernel_input(x, p)[:, :p.k_rows] @ got, x @ ref) < TOL[dtype]
+    got = gemm_input(x, gemm_columns(p), k) @ dequantize_for_gemm(p)[:, :n]
+    assert rel_err(got, x @ dequantize_gptq(*layer, 4)) < TOL[dtype]
 
 
-def test_unsupported_layers_are_refused_with_the_reason():
-    assert "4-bit only" in supports(8, 128, 4, 64)
-    assert "multiple of 16" in supports(4, 128, 4, 40)
-    assert "multiple of 64" in supports(4, 32, 4, 64)
-    with pytest.raises(ValueError, match="multiple of 64"):
-        prepare(*make_layer(16, 128, 4, 32, sym=True), 4)
-
-
-def test_shuffle_formula_matches_cutlass_layout(tmp_path):
-    """The packer's closed form equals CUTLASS's tile_to_shape(atom, (N, K, 1)), evaluated by a
-    host program compiled against the same header the GEMM uses."""
+def test_decode_layout_is_cutlass_layout(tmp_path):
+    """CUTLASS's view of the weights (tile_to_shape(DecodeAtom, (N, K, 1)), evaluated by a host
+    program compiled against the GEMM's header) finds code (n, GEMM column c) where cuda_pack
+    put the code of kernel row gemm-order(c)."""
     include = _cutlass_or_skip()
     n, k = 48, 192
+    codes = torch.randint(0, 16, (n, k))
+    words = _pack_codes(codes).reshape(-1).to(torch.int64) & 0xFFFFFFFF
+    nibbles = ((words[:, None] >> (4 * torch.arange(8))) & 0xF).reshape(-1)        # by offset
     src = tmp_path / "layout.cu"
-    shape = f"cute::make_shape({n}, {k}, 1)"
     src.write_text(
         '#include "w4_gemm.cuh"\n#include <cstdio>\nint main() {\n'
-        f"  auto f = cute::tile_to_shape(gptq_lab_w4::ShuffleAtom<cutlass::half_t>{{}}, {shape});\n"
-        f"  auto b = cute::tile_to_shape(gptq_lab_w4::ShuffleAtom<cutlass::bfloat16_t>{{}}, {shape});\n"
+        f"  auto f = cute::tile_to_shape(gptq_lab_w4::DecodeAtom{{}}, cute::make_shape({n}, {k}, 1));\n"
         f"  for (int i = 0; i < {n}; ++i) for (int j = 0; j < {k}; ++j)\n"
-        '    std::printf("%d %d\\n", int(f(i, j, 0)), int(b(i, j, 0)));\n}\n')
+        '    std::printf("%d\\n", int(f(i, j, 0)));\n}\n')
     exe = tmp_path / "layout"
     _nvcc("-O0", "-gencode=arch=compute_90a,code=sm_90a", *(f"-I{d}" for d in include),
           f"-I{w4_ops.CUDA_DIR}", str(src), "-o", str(exe))
     out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60, check=True).stdout
-    got = torch.tensor([[int(v) for v in row.split()] for row in out.split("\n") if row])
-    expected = shuffle_offsets(n, k).reshape(-1)
-    assert torch.equal(got[:, 0], expected) and torch.equal(got[:, 1], expected)
+    offsets = torch.tensor([int(v) for v in out.split()]).reshape(n, k)
+    assert torch.equal(offsets.reshape(-1).sort().values, torch.arange(n * k))
+    rows = (torch.arange(k // CHUNK)[:, None] * CHUNK + _chunk_order().reshape(-1)).reshape(-1)
+    assert torch.equal(nibbles[offsets], codes[:, rows])
 
 
 def test_one_configuration_compiles_without_spills(tmp_path):
-    """Every configuration is the same template: one (the zero-point one, the most registers)
-    must compile for sm_90a with no spills and with wgmma not serialized (ptxas warns C7510
+    """Every configuration is the same template: one must compile for sm_90a with no spills and with wgmma not serialized (ptxas warns C7510
     when, e.g., device asserts put a call into the main loop: NDEBUG is needed)."""
     include = _cutlass_or_skip()
-    src = w4_ops.CUDA_DIR / "w4_gemm_f16_zero_128_sk.cu"
+    src = w4_ops.CUDA_DIR / "w4_gemm_f16_128_sk.cu"
     run = _nvcc("-c", *w4_ops.NVCC_FLAGS, *(f"-I{d}" for d in include), "-Xptxas", "-v",
                 str(src), "-o", str(tmp_path / "w4.o"))
     log = run.stdout + run.stderr
@@ -145,10 +123,7 @@ def test_gpu_matches_reference(n, k, group_size, sym, act_order, dtype, m):
     p = prepare(*layer, 4, dtype)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     ref = x.double() @ dequantize_gptq(*layer, 4).double()
-    try:
-        y = w4_ops.w4_mm(x, p)
-    except ValueError as e:                     # no configuration built for this dtype / zeros
-        pytest.skip(str(e))
+    y = w4_ops.w4_mm(x, p)
     assert y.dtype == dtype and y.shape == (m, n)
     assert rel_err(y, ref) < TOL[dtype]
 
@@ -156,9 +131,9 @@ def test_gpu_matches_reference(n, k, group_size, sym, act_order, dtype, m):
 @pytest.mark.gpu
 @hopper
 def test_gpu_every_configuration_matches_reference():
-    for name, (dtype_id, zero, _, _) in w4_ops.configs().items():
+    for name, (dtype_id, _, _) in w4_ops.configs().items():
         dtype = torch.bfloat16 if dtype_id else torch.float16
-        layer = make_layer(384, 1024, 4, 128, sym=not zero, device="cuda")
+        layer = make_layer(384, 1024, 4, 128, sym=False, device="cuda")
         p = prepare(*layer, 4, dtype)
         ref_w = dequantize_gptq(*layer, 4).double()
         for m in (8, 130, 700):

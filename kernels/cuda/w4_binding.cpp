@@ -1,5 +1,6 @@
 // Torch binding of the CUTLASS W4A16 GEMMs (w4_gemm_*.cu): checks the tensors, allocates the
-// output and the workspace, launches on torch's stream. The layout is made by w4_pack.py.
+// output and the workspace, launches on torch's stream. The weights are the CUDA decode
+// kernel's layout (cuda_pack.py); w4_pack.py makes the rest.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
@@ -13,13 +14,13 @@
 namespace {
 struct Config {
   const char* name;
-  int dtype, zero, tile_n, stream_k;
+  int dtype, tile_n, stream_k;
   cudaError_t (*run)(const GptqLabW4Args*, cudaStream_t);
   size_t (*workspace)(int, int, int, int);
 };
 
-#define GPTQ_LAB_W4_ROW(name, dtype, zero, tile_n, stream_k) \
-  {#name, dtype, zero, tile_n, stream_k, gptq_lab_w4_##name, gptq_lab_w4_##name##_workspace},
+#define GPTQ_LAB_W4_ROW(name, dtype, tile_n, stream_k) \
+  {#name, dtype, tile_n, stream_k, gptq_lab_w4_##name, gptq_lab_w4_##name##_workspace},
 const Config kConfigs[] = {GPTQ_LAB_W4_CONFIGS(GPTQ_LAB_W4_ROW)};
 
 const Config& find(const std::string& name) {
@@ -33,49 +34,46 @@ void check_aligned(const torch::Tensor& t, const char* what) {
 }
 }  // namespace
 
-// (name, dtype 0 fp16 / 1 bf16, zero points, batch rows per tile, stream-K) of every build.
-std::vector<std::tuple<std::string, int64_t, bool, int64_t, bool>> w4_configs() {
-  std::vector<std::tuple<std::string, int64_t, bool, int64_t, bool>> out;
-  for (const Config& c : kConfigs) out.emplace_back(c.name, c.dtype, c.zero != 0, c.tile_n, c.stream_k != 0);
+// (name, dtype 0 fp16 / 1 bf16, batch rows per tile, stream-K) of every build.
+std::vector<std::tuple<std::string, int64_t, int64_t, bool>> w4_configs() {
+  std::vector<std::tuple<std::string, int64_t, int64_t, bool>> out;
+  for (const Config& c : kConfigs) out.emplace_back(c.name, c.dtype, c.tile_n, c.stream_k != 0);
   return out;
 }
 
-// x [M, K] fp16/bf16 contiguous; w uint8 [N * K / 2] (w4_pack.py); scales (and zeros) [K/g, N]
-// in x's dtype -> y [M, N] in x's dtype. K a multiple of 64, N of 16, g of 64 or g == K.
-torch::Tensor w4_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scales,
-                      c10::optional<torch::Tensor> zeros, int64_t group_size, int64_t n,
-                      const std::string& config) {
+// x [M, K] fp16/bf16 contiguous (the GEMM's column order); qweight: the CUDA decode layout,
+// int32 [K/64, N/16, 32, 4]; scales and zeros [K/g, N] in x's dtype -> y [M, N] in x's dtype.
+// K a multiple of 64, N of 16, g of 64 or g == K.
+torch::Tensor w4_gemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                      torch::Tensor zeros, int64_t group_size, const std::string& config) {
   const Config& c = find(config);
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
   const auto dtype = c.dtype ? at::kBFloat16 : at::kHalf;
   TORCH_CHECK(x.scalar_type() == dtype, "configuration ", c.name, " takes ", dtype, " activations, got ",
               x.scalar_type());
-  const int64_t m = x.size(0), k = x.size(1);
+  const int64_t m = x.size(0), k = x.size(1), n = scales.size(1);
   TORCH_CHECK(k % 64 == 0 && n % 16 == 0, "K (", k, ") must be a multiple of 64 and N (", n, ") of 16");
   TORCH_CHECK(group_size == k || (group_size > 0 && group_size % 64 == 0 && k % group_size == 0),
               "group_size (", group_size, ") must be K (", k, ") or a multiple of 64 dividing it");
-  TORCH_CHECK(w.is_cuda() && w.is_contiguous() && w.scalar_type() == at::kByte && w.numel() == n * k / 2,
-              "w must be contiguous uint8 with N * K / 2 = ", n * k / 2, " bytes, got ", w.numel());
+  TORCH_CHECK(qweight.is_cuda() && qweight.is_contiguous() && qweight.scalar_type() == at::kInt &&
+                  qweight.numel() == n * k / 8,
+              "qweight must be the contiguous int32 decode layout of N=", n, ", K=", k);
   TORCH_CHECK(scales.is_cuda() && scales.is_contiguous() && scales.scalar_type() == dtype &&
-                  scales.dim() == 2 && scales.size(0) == k / group_size && scales.size(1) == n,
-              "scales must be contiguous [", k / group_size, ", ", n, "] in ", dtype);
-  TORCH_CHECK(zeros.has_value() == (c.zero != 0), "configuration ", c.name,
-              c.zero ? " needs zeros" : " takes no zeros");
-  if (zeros) {
-    TORCH_CHECK(zeros->is_cuda() && zeros->is_contiguous() && zeros->sizes() == scales.sizes() &&
-                    zeros->scalar_type() == dtype, "zeros must match scales");
-    check_aligned(*zeros, "zeros");
-  }
+                  scales.dim() == 2 && scales.size(0) == k / group_size,
+              "scales must be contiguous [", k / group_size, ", N] in ", dtype);
+  TORCH_CHECK(zeros.is_cuda() && zeros.is_contiguous() && zeros.sizes() == scales.sizes() &&
+                  zeros.scalar_type() == dtype, "zeros must match scales");
   check_aligned(x, "x");
-  check_aligned(w, "w");
+  check_aligned(qweight, "qweight");
   check_aligned(scales, "scales");
+  check_aligned(zeros, "zeros");
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = torch::empty({m, n}, x.options());
   if (m == 0) return y;
   const size_t ws = c.workspace(static_cast<int>(m), static_cast<int>(n), static_cast<int>(k),
                                 static_cast<int>(group_size));
   torch::Tensor workspace = torch::empty({static_cast<int64_t>(ws)}, x.options().dtype(at::kByte));
-  GptqLabW4Args args{x.data_ptr(), w.data_ptr(), scales.data_ptr(), zeros ? zeros->data_ptr() : nullptr,
+  GptqLabW4Args args{x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
                      y.data_ptr(), static_cast<int>(m), static_cast<int>(n), static_cast<int>(k),
                      static_cast<int>(group_size), ws ? workspace.data_ptr() : nullptr};
   const cudaError_t err = c.run(&args, at::cuda::getCurrentCUDAStream());
@@ -86,7 +84,7 @@ torch::Tensor w4_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scales,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4_configs", &w4_configs, "the compiled W4 GEMM configurations");
-  m.def("w4_gemm", &w4_gemm, "y = x @ W^T with W int4 in the shuffled layout (CUTLASS, sm_90a)",
-        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("scales"), pybind11::arg("zeros"),
-        pybind11::arg("group_size"), pybind11::arg("n"), pybind11::arg("config"));
+  m.def("w4_gemm", &w4_gemm, "y = x @ W^T, W the int4 decode layout (CUTLASS, sm_90a)",
+        pybind11::arg("x"), pybind11::arg("qweight"), pybind11::arg("scales"), pybind11::arg("zeros"),
+        pybind11::arg("group_size"), pybind11::arg("config"));
 }

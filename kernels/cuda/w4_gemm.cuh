@@ -1,14 +1,14 @@
-// A W4A16 GEMM for large batches on Hopper (sm_90a): y [M, N] = x [M, K] @ W^T, W int4 [N, K]
-// with group scales (and zero points), built from CUTLASS's mixed-input collective (TMA loads,
-// warp-specialized wgmma with the weights upconverted in registers, CUTLASS example 55).
+// A W4A16 GEMM for large batches on Hopper (sm_90a): y [M, N] = x [M, K] @ W^T, W 4-bit [N, K]
+// with group scales and zeros, built from CUTLASS's mixed-input collective (TMA loads, warp-
+// specialized wgmma with the weights upconverted in registers; CUTLASS example 55). It reads
+// the CUDA decode kernel's own weight layout, so a layer needs no second copy of its weights.
 //
-// Layouts (all device pointers, 16-byte aligned):
-//   x       [M, K]          fp16/bf16, row-major (K contiguous); K a multiple of 8
-//   w       [N, K] 4-bit    K-major, two codes a byte (even k in the low nibble), then shuffled
-//                           by w4_reorder into the order each thread's fragment is read in
-//   scales  [K/g, N]        the activation dtype, N contiguous (GPTQ's own [G, N] layout)
-//   zeros   [K/g, N]        (zero-point variants) -scale * zero, so w = scale * q + zeros
-//   y       [M, N]          the activation dtype, row-major; N a multiple of 8
+// Layouts (device pointers, 16-byte aligned):
+//   x       [M, K]          fp16/bf16, row-major, K in the layout's order (below); K % 64 == 0
+//   w       [N, K] 4-bit    the decode layout's qweight (DecodeAtom); N % 16 == 0
+//   scales  [K/g, N]        x's dtype, N contiguous
+//   zeros   [K/g, N]        x's dtype: -scale * zero point, so w = scale * code + zeros
+//   y       [M, N]          x's dtype, row-major
 // The group size g is K (per-channel) or a multiple of 64 (the tile's K).
 //
 // CUTLASS puts the narrow operand in the register file, so the problem runs swapped: the
@@ -33,36 +33,28 @@
 namespace gptq_lab_w4 {
 using namespace cute;
 
-// The shuffled weight layout. wgmma reads its A operand from registers: in a 64 x 16 (N x K)
-// MMA tile each warp owns 16 rows and each thread 8 values. The atom below stores, per warp's
-// 16 x 16 block, each thread's 8 values next to each other (one 32-bit shared-memory load) in
-// the order [0,2,4,6,1,3,5,7], which CUTLASS's int4 -> 16-bit converters expect (two LOP3s per
-// 4 values). (n, k) -> offset within the 256-element block.
-template <class Mma>
-constexpr auto shuffle_atom() {
-  using Op = decltype(SM90::GMMA::rs_op_selector<Mma, Mma, float, Shape<_64, _16, _32>>());
-  auto tv = typename MMA_Traits<Op>::ALayout{};                       // (128 thr, 8 val) -> (n, k) in 64 x 16
-  auto tv_warp = make_layout_like(composition(tv, make_shape(Int<32>{}, size<1>(tv))));
-  auto nk_to_tv = right_inverse(tv_warp).with_shape(make_shape(Int<16>{}, Int<16>{}));  // -> thr + 32 * val
-  using TvToOffset = Layout<Shape<_32, Shape<_2, _4>>, Stride<_8, Stride<_4, _1>>>;  // thr * 8 + shuffled val
-  return composition(TvToOffset{}, nk_to_tv);
-}
-
-template <class Mma>
-using ShuffleAtom = decltype(shuffle_atom<Mma>());
+// The weights are read straight from the CUDA decode kernel's layout (int4_common.cuh,
+// cuda_pack.py): per tile of 16 outputs and chunk of 64 inputs, lane 4g + t of a warp holds 16
+// bytes, the codes of its four m16n8k16 A fragments (one per k-tile j, in the value order
+// [0,2,4,6,1,3,5,7] of CUTLASS's int4 -> 16-bit converters); wgmma's register A operand has
+// the same fragment per warp, so each thread's codes for four k-blocks are one 128-bit load.
+// (n, k) -> element offset, with n = g + 8 n1 and k = k0 + 2 t + 8 k2 + 16 j inside the
+// 16 x 64 unit, k in the layout's own order (the GEMM's x is permuted to match, w4_ops.py):
+//   32 (4 g + t) + 8 j + n1 + 2 k2 + 4 k0.   Units follow each other along N, then along K.
+using DecodeAtom = Layout<Shape<Shape<_8, _2>, Shape<_2, _4, _2, _4>>,
+                          Stride<Stride<_128, _1>, Stride<_4, _32, _2, _8>>>;
 
 using StrideW = cutlass::detail::TagToStrideB_t<cutlass::layout::ColumnMajor>;  // (N, K, L), K stride 1
 using StrideX = cutlass::detail::TagToStrideA_t<cutlass::layout::RowMajor>;     // (M, K, L), K stride 1
 
-template <class Mma>
-using LayoutWShuffled = decltype(tile_to_shape(ShuffleAtom<Mma>{}, Layout<Shape<int, int, int>, StrideW>{}));
+using LayoutW = decltype(tile_to_shape(DecodeAtom{}, Layout<Shape<int, int, int>, StrideW>{}));
 
-// Quant: cutlass::int4b_t (codes - 8, scale only: symmetric GPTQ) or cutlass::uint4b_t (codes,
-// scale and zero); TileN: the batch rows per tile; StreamK: split K across CTAs when the tiles
-// are fewer than the SMs.
-template <class Mma, class Quant, int TileN, bool StreamK>
+// Codes are unsigned (0..15) with per-group scales and zeros (w = scale * code + zeros);
+// TileN: the batch rows per tile; StreamK: split K across CTAs when the tiles are fewer than
+// the SMs.
+template <class Mma, int TileN, bool StreamK>
 struct Gemm {
-  static constexpr bool kZero = std::is_same_v<Quant, cutlass::uint4b_t>;
+  using Quant = cutlass::uint4b_t;
   using TileShape = Shape<_128, Int<TileN>, _64>;
   using ClusterShape = Shape<_1, _1, _1>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
@@ -71,10 +63,9 @@ struct Gemm {
       void, cutlass::layout::ColumnMajor, 8,    // no C
       Mma, cutlass::layout::ColumnMajor, 8,     // D^T: y [M, N] row-major
       cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
-  using WElement = std::conditional_t<kZero, cute::tuple<Quant, Mma, Mma>, cute::tuple<Quant, Mma>>;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
-      WElement, LayoutWShuffled<Mma>, 32,
+      cute::tuple<Quant, Mma, Mma>, LayoutW, 32,
       Mma, cutlass::layout::ColumnMajor, 8,
       float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
@@ -88,16 +79,15 @@ struct Gemm {
                                               int group_size) {
     using StrideS = typename Mainloop::StrideScale;
     const int scale_k = (K + group_size - 1) / group_size;
-    auto layout_w = tile_to_shape(ShuffleAtom<Mma>{}, make_shape(N, K, 1));
+    auto layout_w = tile_to_shape(DecodeAtom{}, make_shape(N, K, 1));
     auto stride_x = cutlass::make_cute_packed_stride(StrideX{}, make_shape(M, K, 1));
     auto stride_s = cutlass::make_cute_packed_stride(StrideS{}, make_shape(N, scale_k, 1));
     auto stride_y = cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, make_shape(N, M, 1));
     typename Device::Arguments args{
         cutlass::gemm::GemmUniversalMode::kGemm, {N, M, K, 1},
         {static_cast<const Quant*>(w), layout_w, static_cast<const Mma*>(x), stride_x,
-         static_cast<const Mma*>(scales), stride_s, group_size},
+         static_cast<const Mma*>(scales), stride_s, group_size, static_cast<const Mma*>(zeros)},
         {{1.0f, 0.0f}, nullptr, typename Kernel::StrideC{}, static_cast<Mma*>(y), stride_y}};
-    if constexpr (kZero) args.mainloop.ptr_Z = static_cast<const Mma*>(zeros);
     return args;
   }
 
@@ -120,8 +110,8 @@ struct Gemm {
 }  // namespace gptq_lab_w4
 
 // Defines the C entry points of one configuration (see w4_gemm_api.h).
-#define GPTQ_LAB_W4_DEFINE(name, Mma, Quant, tile_n, stream_k)                                     \
-  using Gemm_##name = gptq_lab_w4::Gemm<Mma, Quant, tile_n, stream_k>;                             \
+#define GPTQ_LAB_W4_DEFINE(name, Mma, tile_n, stream_k)                                     \
+  using Gemm_##name = gptq_lab_w4::Gemm<Mma, tile_n, stream_k>;                             \
   extern "C" cudaError_t gptq_lab_w4_##name(const GptqLabW4Args* a, cudaStream_t s) {            \
     return Gemm_##name::run(a->x, a->w, a->scales, a->zeros, a->y, a->M, a->N, a->K,              \
                             a->group_size, a->workspace, s);                                       \

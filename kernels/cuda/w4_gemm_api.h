@@ -6,25 +6,25 @@
 
 struct GptqLabW4Args {
   const void* x;        // [M, K] fp16/bf16, row-major
-  const void* w;        // [N, K] 4-bit, shuffled (w4_pack.py)
+  const void* w;        // [N, K] 4-bit: the CUDA decode layout's qweight
   const void* scales;   // [K/g, N] x's dtype
-  const void* zeros;    // [K/g, N] x's dtype (-scale * zero), zero-point configs only
+  const void* zeros;    // [K/g, N] x's dtype: -scale * zero point
   void* y;              // [M, N] x's dtype
   int M, N, K, group_size;
   void* workspace;      // workspace_bytes(...) bytes, or nullptr when that is 0
 };
 
-// Every compiled configuration: X(name, dtype (0 fp16, 1 bf16), zero points, batch rows per
-// tile, stream-K). Each has a w4_gemm_<name>.cu that defines it.
-#define GPTQ_LAB_W4_CONFIGS(X)        \
-  X(f16_sym_64_sk, 0, 0, 64, 1)       \
-  X(f16_sym_128_sk, 0, 0, 128, 1)     \
-  X(f16_sym_128, 0, 0, 128, 0)        \
-  X(f16_sym_256, 0, 0, 256, 0)        \
-  X(bf16_sym_128_sk, 1, 0, 128, 1)    \
-  X(f16_zero_128_sk, 0, 1, 128, 1)
+// Every compiled configuration: X(name, dtype (0 fp16, 1 bf16), batch rows per tile,
+// stream-K). Each has a w4_gemm_<name>.cu that defines it.
+#define GPTQ_LAB_W4_CONFIGS(X) \
+  X(f16_64_sk, 0, 64, 1)       \
+  X(f16_128_sk, 0, 128, 1)     \
+  X(f16_128, 0, 128, 0)        \
+  X(f16_256, 0, 256, 0)        \
+  X(bf16_128_sk, 1, 128, 1)    \
+  X(bf16_256, 1, 256, 0)
 
-#define GPTQ_LAB_W4_DECLARE(name, dtype, zero, tile_n, stream_k)                      \
+#define GPTQ_LAB_W4_DECLARE(name, dtype, tile_n, stream_k)                      \
   extern "C" cudaError_t gptq_lab_w4_##name(const GptqLabW4Args* a, cudaStream_t s);  \
   extern "C" size_t gptq_lab_w4_##name##_workspace(int M, int N, int K, int group_size);
 GPTQ_LAB_W4_CONFIGS(GPTQ_LAB_W4_DECLARE)
