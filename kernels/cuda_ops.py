@@ -3,7 +3,9 @@
     y = gptq_matmul(x, qweight, scales, qzeros, g_idx, bits)    # reference's signature
     y = cuda_mm(x, p)                                           # p = cuda_pack.prepare(...)
     y = dequant_mm(x, p)            # large M: W dequantized from p into a shared buffer, cuBLAS
-    y = matmul(x, p)                # either, by M (what a prepared cuda_decode layer runs)
+    y = matmul(x, p)                # by M (what a prepared cuda_decode layer runs): the kernel,
+                                    # then on Hopper the CUTLASS W4 GEMM (w4_ops) on the same
+                                    # layout, else dequant_mm
 
 The sources are built by ``torch.utils.cpp_extension.load`` the first time a CUDA call needs
 them (about a minute; cached by torch under ``TORCH_EXTENSIONS_DIR``, default
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from . import w4_ops
 from .cuda_pack import PreparedCUDA, kernel_input, prepare
 from .cuda_pack import supports as layer_supports
 from .ops import cached_layout, matmul_dequantized, run_op
@@ -142,10 +145,13 @@ def dequant_mm(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:
 
 
 def matmul(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:
-    """x [..., K] -> [..., N] the fastest way from the CUDA layout alone: the kernel for up to
-    ``MAX_SLAB_M`` rows, dequantize + cuBLAS above (what a ``cuda_decode`` layer runs)."""
+    """x [..., K] -> [..., N] the fastest way from the CUDA layout alone (what a ``cuda_decode``
+    layer runs): the kernel for up to ``MAX_SLAB_M`` rows; above, the W4 GEMM on Hopper
+    (``w4_ops.runs``: built, and the layer fits it), else dequantize + cuBLAS."""
     rows = x.numel() // p.in_features
-    return cuda_mm(x, p) if rows <= MAX_SLAB_M else dequant_mm(x, p)
+    if rows <= MAX_SLAB_M:
+        return cuda_mm(x, p)
+    return w4_ops.w4_mm(x, p) if w4_ops.runs(p) else dequant_mm(x, p)
 
 
 _PREPARED: dict[tuple, tuple[weakref.ref, PreparedCUDA | None]] = {}

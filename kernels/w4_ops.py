@@ -84,6 +84,13 @@ def unavailable() -> str | None:
     return None
 
 
+def runs(p: PreparedCUDA) -> bool:
+    """Whether the W4 GEMM takes this layer here: built for this GPU (``unavailable``), not
+    turned off (``GPTQ_LAB_W4=0``), and the layer's N a multiple of 16 (no padded outputs)."""
+    return (os.environ.get("GPTQ_LAB_W4", "1") != "0" and p.out_features % 16 == 0
+            and unavailable() is None)
+
+
 @functools.cache
 def configs() -> dict[str, tuple[int, int, bool]]:
     """name -> (dtype 0 fp16 / 1 bf16, batch rows per tile, stream-K), as built."""

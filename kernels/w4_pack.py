@@ -42,8 +42,10 @@ def gemm_columns(p: PreparedCUDA) -> torch.Tensor:
 
 
 def gemm_input(x: torch.Tensor, columns: torch.Tensor, in_features: int) -> torch.Tensor:
-    """x [M, K] -> the GEMM's activations [M, K'64] (``gemm_columns`` order, contiguous)."""
-    if columns.numel() > in_features or bool(columns.max() >= in_features):
+    """x [M, K] -> the GEMM's activations [M, K'64] (``gemm_columns`` order, contiguous). A
+    zero column is appended when the columns reach past K (K' > K), decided from shapes alone
+    (no device sync)."""
+    if columns.numel() > in_features:
         x = torch.nn.functional.pad(x, (0, 1))
     return x.index_select(1, columns)
 
