@@ -5,8 +5,9 @@ Hopper GPU: the large-batch rows of issue #6 and the prefill products of issue #
     python benchmarks/w4_gemm.py --shapes 8192x8192 --batches 64,256 --out w4.txt
 
 Per (shape, M): fp16 ``torch.matmul``; Triton's fused kernel (what ``QuantLinear`` runs up to
-``dequant_above`` rows); the CUDA layout as a ``cuda_decode`` layer runs it (the decode kernel
-up to ``cuda_ops.MAX_SLAB_M`` rows, dequantize + cuBLAS above); and each W4 configuration built
+``dequant_above`` rows); from the CUDA layout, the decode kernel (up to ``cuda_ops.MAX_SLAB_M``
+rows), dequantize + cuBLAS (from 64 rows; what a ``cuda_decode`` layer ran above
+``MAX_SLAB_M`` before the W4 GEMM), and each W4 configuration built
 for fp16 (``auto`` is ``w4_ops.choose``'s pick), reading the same CUDA layout (its time
 includes the per-call column permutation of x and the scales/zeros made from the layout). Every output is first checked against the
 float64 product (relative error < 2e-3). Timing as ``benchmarks/kernels.py``'s ``rotate`` mode:
@@ -43,9 +44,12 @@ def layers(k: int, n: int, count: int):
 def paths(x: torch.Tensor):
     """name -> fn(copy) -> y, for every path timed at this x."""
     from gptq_lab.kernels import cuda_ops, triton_gemm, w4_ops
-    fns = {"triton": lambda c: triton_gemm.matmul(x, c["triton"]),
-           "cuda": lambda c: cuda_ops.matmul(x, c["cuda"]),
-           "w4 auto": lambda c: w4_ops.w4_mm(x, c["cuda"], columns=c["columns"])}
+    fns = {"triton": lambda c: triton_gemm.matmul(x, c["triton"])}
+    if x.shape[0] <= cuda_ops.MAX_SLAB_M:
+        fns["cuda"] = lambda c: cuda_ops.cuda_mm(x, c["cuda"])
+    if x.shape[0] >= 64:
+        fns["dequant"] = lambda c: cuda_ops.dequant_mm(x, c["cuda"])
+    fns["w4 auto"] = lambda c: w4_ops.w4_mm(x, c["cuda"], columns=c["columns"])
     for name, (dtype, _, _) in w4_ops.configs().items():
         if dtype == 0:
             fns[f"w4 {name}"] = lambda c, name=name: w4_ops.w4_mm(x, c["cuda"], name, c["columns"])
@@ -108,7 +112,7 @@ def main() -> None:
     if args.prefill_m:
         block = [r for name, (k, n) in BLOCK_7B.items() for r in bench_shape(name, k, n, [args.prefill_m])]
         rows += block
-        for path in ("triton", "cuda", "w4 auto"):
+        for path in ("triton", "dequant", "w4 auto"):
             if all(isinstance(r.get(path), float) for r in block):
                 fp16, t = sum(r["fp16_us"] for r in block), sum(r[path] for r in block)
                 print(f"one 7B block at M={args.prefill_m}: fp16 {fp16 / 1e3:.3f} ms, {path} "
