@@ -10,6 +10,7 @@ Importing this package never initialises CUDA.
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -36,8 +37,27 @@ def _hand_out_gptq_lab_kernels(name: str) -> None:
     sys.modules[name] = real
 
 
+def _load_the_other_package(name: str) -> bool:
+    """Load the package ``name`` that lives elsewhere on sys.path (Hugging Face's ``kernels``,
+    which transformers 5.2x depends on and imports by that name) in place of this folder, which
+    shadows it when the checkout's root comes first on sys.path. False when there is none."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    others = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    spec = importlib.machinery.PathFinder.find_spec(name, others)
+    if spec is None or spec.loader is None:
+        return False
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return True
+
+
 if __name__ != "gptq_lab.kernels":
-    _hand_out_gptq_lab_kernels(__name__)        # the import then returns gptq_lab.kernels
+    if not _load_the_other_package(__name__):
+        _hand_out_gptq_lab_kernels(__name__)    # the import then returns gptq_lab.kernels
+    # the rest of this body runs in a module object nobody keeps: its relative imports must
+    # reach gptq_lab.kernels' modules, never load this folder's files a second time
+    __package__ = "gptq_lab.kernels"
 
 from . import reference
 
