@@ -12,7 +12,7 @@ A variant is a ring depth, then "/A" for ablation A and "+NAME=VALUE" for any ot
 kernels/cuda/int4_decode_kernel.cuh and int4_dequant.cu.
 
 Each variant is checked against the float64 product of the dequantized weight before it is
-timed; times are GPU time of CUDA-graph replays, ``--timing`` as in benchmarks/kernels.py
+timed; times are GPU time of CUDA-graph replays, ``--timing`` as in benchmarks/kernel_speed.py
 (rotate: back to back over weight copies > 3 x L2; flush: one call after an L2 flush), fp16
 ``torch.matmul`` on the same call as the baseline. The table goes to stdout and, with
 $OUT set, JSON to $OUT/cuda_variants.json. Production uses the default depth in
@@ -28,7 +28,7 @@ import sys
 
 import torch
 
-from kernels import TIMING, bench, copies_for, gptq_layer, rel_err
+from kernel_speed import TIMING, bench, copies_for, gptq_layer, rel_err
 
 ARCH_90 = ("-gencode=arch=compute_90,code=sm_90",)
 SHAPES = ["4096x4096", "4096x11008", "11008x4096", "8192x8192", "8192x28672", "28672x8192"]

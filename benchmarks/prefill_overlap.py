@@ -29,7 +29,7 @@ import os
 import torch
 from prefill_matmul import SHAPES, ms
 
-from kernels import gptq_layer
+from kernel_speed import gptq_layer
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ them ("WARPGROUP.DEPBAR.LE gsb0, 0x0"), loop waits = those inside the K loop (no
 wgmmas stay in flight while the next tile is dequantized), serialized = that warning. A
 serialized loop cannot overlap its dequantization with the tensor cores, so such tiles only
 compete through occupancy (other blocks on the SM).
-This is a screen, not a timing: ``benchmarks/kernels.py`` on a GPU has the last word.
+This is a screen, not a timing: ``benchmarks/kernel_speed.py`` on a GPU has the last word.
 """
 from __future__ import annotations
 

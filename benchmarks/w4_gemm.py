@@ -10,7 +10,7 @@ rows), dequantize + cuBLAS (from 64 rows; what a ``cuda_decode`` layer ran above
 ``MAX_SLAB_M`` before the W4 GEMM), and each W4 configuration built
 for fp16 (``auto`` is ``w4_ops.choose``'s pick), reading the same CUDA layout (its time
 includes the per-call column permutation of x and the scales/zeros made from the layout). Every output is first checked against the
-float64 product (relative error < 2e-3). Timing as ``benchmarks/kernels.py``'s ``rotate`` mode:
+float64 product (relative error < 2e-3). Timing as ``benchmarks/kernel_speed.py``'s ``rotate`` mode:
 GPU time of CUDA-graph replays over weight copies that together exceed 3 x L2, median.
 The 7B rows are the four products of one Llama-2-7B block at the prefill's M (fused q/k/v and
 gate/up), summed at the end: the unit behind ``decode.py``'s prefill figure.
@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from kernels import copies_for, gptq_layer, rel_err, rotating_time
+from kernel_speed import copies_for, gptq_layer, rel_err, rotating_time
 
 SHAPES = ["4096x4096", "4096x11008", "11008x4096", "8192x8192", "8192x28672", "28672x8192"]
 BLOCK_7B = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096)}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 
@@ -13,14 +12,6 @@ def load_benchmark(name: str, monkeypatch, out_dir: Path):
     monkeypatch.syspath_prepend(str(bench_dir))
     spec = importlib.util.spec_from_file_location(f"{name}_benchmark", bench_dir / f"{name}.py")
     bench = importlib.util.module_from_spec(spec)
-    # "kernels" may already name the repository's kernels/ package; the benchmarks mean their own
-    # kernels.py, so it is imported afresh and the previous module put back afterwards.
-    saved = sys.modules.pop("kernels", None)
-    try:
-        spec.loader.exec_module(bench)
-    finally:
-        sys.modules.pop("kernels", None)
-        if saved is not None:
-            sys.modules["kernels"] = saved
+    spec.loader.exec_module(bench)
     monkeypatch.setenv("OUT", str(out_dir))
     return bench

@@ -1,7 +1,7 @@
 """Int4 GPTQ matmul against fp16 and PyTorch's own int4 kernel, on one CUDA GPU.
 
-    python benchmarks/kernels.py --out kernels.txt          # full table (H100: ~3 min)
-    python benchmarks/kernels.py --shapes 8192x8192 --batches 1,16
+    python benchmarks/kernel_speed.py --out kernels.txt          # full table (H100: ~3 min)
+    python benchmarks/kernel_speed.py --shapes 8192x8192 --batches 1,16
 
 Every timing is GPU time of CUDA-graph replays (decode runs under CUDA graphs), so Python
 launch costs do not count. Two ways to keep weights out of the L2 cache (``--timing``):
@@ -364,7 +364,7 @@ def main(argv=None):
     ap.add_argument("--dump", help="with --report: write each chosen kernel's TTGIR and SASS here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
+        raise SystemExit("benchmarks/kernel_speed.py needs a CUDA GPU")
     TIMING["mode"] = args.timing
     if args.cuda_slab_max is not None:
         from gptq_lab.kernels import cuda_ops
