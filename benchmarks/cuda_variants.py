@@ -27,7 +27,6 @@ import subprocess
 import sys
 
 import torch
-
 from kernel_speed import TIMING, bench, copies_for, gptq_layer, rel_err
 
 ARCH_90 = ("-gencode=arch=compute_90,code=sm_90",)

@@ -25,7 +25,6 @@ import os
 
 import torch
 from cuda_variants import ARCH_90
-
 from kernel_speed import bench_eager, gptq_layer, rel_err
 
 SHAPES = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096)}

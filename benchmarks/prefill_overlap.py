@@ -27,9 +27,8 @@ import contextlib
 import os
 
 import torch
-from prefill_matmul import SHAPES, ms
-
 from kernel_speed import gptq_layer
+from prefill_matmul import SHAPES, ms
 
 
 @contextlib.contextmanager

@@ -22,7 +22,6 @@ import json
 import os
 
 import torch
-
 from kernel_speed import copies_for, gptq_layer, rel_err, rotating_time
 
 SHAPES = ["4096x4096", "4096x11008", "11008x4096", "8192x8192", "8192x28672", "28672x8192"]
