@@ -68,6 +68,8 @@ def main(argv=None) -> int:
         failed = f"{type(e).__name__}: {last[:300]}"
     finally:
         from gptq_lab.atomic import atomic_write_text
+        if args.inplace:
+            nb.metadata.pop("widgets", None)   # widget state: large, and re-made when run
         if done or not args.inplace:    # an unfinished run never replaces the stored notebook
             atomic_write_text(dest, nbformat.writes(nb))
     print("\n".join(text_outputs(nb)))

@@ -45,20 +45,16 @@ class HessianAccumulator:
             raise NumericalError("layer input contains NaN or Inf; check the model's weights "
                                  "and the calibration data (or run in float32)")
         cuda = x.device.type == "cuda"
-        # CUDA: chunks of ~256 MiB in float32, one addmm each. fp16/bf16 values are exact in
-        # TF32 (10 and 7 mantissa bits), so TF32 tensor cores lose nothing there (fp32 sums).
+        # Chunks of ~256 MiB in float32 on CUDA, one addmm each, with float32 products and sums
+        # (the reference code's inp.float()). On CUDA, fp16/bf16 values are exact in TF32 (10 and
+        # 7 mantissa bits), so TF32 tensor cores lose nothing there. A bf16 x^T x on the CPU would
+        # be about 4x faster but rounds every chunk's product to 8 bits: H then has negative
+        # eigenvalues and GPTQ's loss estimates can be off several-fold (tests/test_gptq.py).
         rows = chunk_rows or (max(4096, (1 << 26) // x.shape[1]) if cuda else 4096)
         with _tf32(cuda and x.dtype in (torch.float16, torch.bfloat16)):
             for start in range(0, x.shape[0], rows):
-                xc = x[start:start + rows]                   # [rows, K]
-                if cuda:
-                    xc = xc.float()
-                if xc.dtype == torch.float32:
-                    self.hessian_sum.addmm_(xc.t(), xc)      # [K, K]
-                else:
-                    # On CPU, bf16 inputs multiply in bf16 (fp32 accumulation inside the kernel,
-                    # several times faster than fp32); each chunk's sum is added in float32.
-                    self.hessian_sum += (xc.t() @ xc).float()
+                xc = x[start:start + rows].float()           # [rows, K]
+                self.hessian_sum.addmm_(xc.t(), xc)          # [K, K]
         self.n_rows += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
