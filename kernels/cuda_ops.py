@@ -146,8 +146,9 @@ def dequant_mm(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:
 
 def matmul(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:
     """x [..., K] -> [..., N] the fastest way from the CUDA layout alone (what a ``cuda_decode``
-    layer runs): the kernel for up to ``MAX_SLAB_M`` rows; above, the W4 GEMM on Hopper
-    (``w4_ops.runs``: built, and the layer fits it), else dequantize + cuBLAS."""
+    layer runs): the kernel for up to ``MAX_SLAB_M`` rows; above, the W4 GEMM on Hopper when
+    turned on (``w4_ops.runs``: ``GPTQ_LAB_W4=1``, built, and the layer fits it), else
+    dequantize + cuBLAS."""
     rows = x.numel() // p.in_features
     if rows <= MAX_SLAB_M:
         return cuda_mm(x, p)

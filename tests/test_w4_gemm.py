@@ -150,3 +150,32 @@ def test_gpu_torch_compile_fullgraph_matches_eager():
     eager = w4_ops.w4_mm(x, p)
     compiled = torch.compile(lambda t: w4_ops.w4_mm(t, p), fullgraph=True)(x)
     assert torch.equal(eager, compiled)
+
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("setting,expect_w4", [("1", True), ("0", False), (None, False)])
+def test_gpu_cuda_decode_layers_take_the_w4_gemm_only_when_turned_on(monkeypatch, setting, expect_w4):
+    from gptq_lab.kernels import cuda_ops
+    if setting is None:
+        monkeypatch.delenv("GPTQ_LAB_W4", raising=False)
+    else:
+        monkeypatch.setenv("GPTQ_LAB_W4", setting)
+    layer = make_layer(512, 1024, 4, 128, sym=False, device="cuda")
+    p = prepare(*layer, 4, torch.float16)
+    called, w4_mm = [], w4_ops.w4_mm
+    monkeypatch.setattr(w4_ops, "w4_mm", lambda *a, **k: called.append(1) or w4_mm(*a, **k))
+    x = torch.randn(cuda_ops.MAX_SLAB_M + 72, 1024, device="cuda", dtype=torch.float16)
+    y = cuda_ops.matmul(x, p)
+    assert bool(called) == expect_w4
+    assert rel_err(y, x.double() @ dequantize_gptq(*layer, 4).double()) < TOL[torch.float16]
+
+
+def test_the_w4_gemm_is_opt_in(monkeypatch):
+    """Off unless GPTQ_LAB_W4=1 (it has not run on a GPU yet), whatever the machine."""
+    monkeypatch.delenv("GPTQ_LAB_W4", raising=False)
+    monkeypatch.setattr(w4_ops, "unavailable", lambda: None)
+    p = type("P", (), {"out_features": 512})()
+    assert not w4_ops.runs(p)
+    monkeypatch.setenv("GPTQ_LAB_W4", "1")
+    assert w4_ops.runs(p)
