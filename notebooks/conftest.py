@@ -1,16 +1,21 @@
-"""nbval runs each notebook in a fresh Jupyter kernel, which inherits this process's environment.
+"""nbval runs each notebook in a fresh Jupyter kernel, which inherits pytest's environment when
+it starts (in the notebook's first cell's setup).
 
 The notebooks print GPTQ losses, perplexities and code agreement, and those depend on the order in
 which float32 sums are taken: MKL, oneDNN and PyTorch's own CPU kernels pick code paths by the
 instruction set of the CPU (AVX2 vs AVX-512) and split work by thread count, and GPTQ's rounding
-turns last-bit differences into visibly different codes a few layers later. So the stored outputs
-are recorded, and compared, with the same code paths on every x86 machine: AVX2 everywhere and two
-threads (CI's cores). A variable already set is left alone. ``benchmarks/run_notebook.py
---inplace`` records outputs with the same settings.
+can turn a last-bit difference into a different code. So the stored outputs are recorded, and
+compared, with the same code paths on every x86 machine: AVX2 everywhere and two threads (CI's
+cores). Only the kernels get these settings, never the pytest process itself (MKL and oneDNN read
+them lazily, so setting them here would change its numerics half-way through the run, and its
+subprocesses'). A variable already set is left alone. ``benchmarks/run_notebook.py --inplace``
+records outputs with the same settings.
 """
 from __future__ import annotations
 
 import os
+
+import pytest
 
 PINNED_ENV = {
     "MKL_CBWR": "AVX2",                # MKL's conditional numerical reproducibility
@@ -20,5 +25,14 @@ PINNED_ENV = {
     "MKL_NUM_THREADS": "2",
 }
 
-for _name, _value in PINNED_ENV.items():
-    os.environ.setdefault(_name, _value)
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    """The pinned settings while a notebook's kernel may start; pytest's own afterwards."""
+    added = {name: value for name, value in PINNED_ENV.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
