@@ -8,8 +8,10 @@ can turn a last-bit difference into a different code. So the stored outputs are 
 compared, with the same code paths on every x86 machine: AVX2 everywhere and two threads (CI's
 cores). Only the kernels get these settings, never the pytest process itself (MKL and oneDNN read
 them lazily, so setting them here would change its numerics half-way through the run, and its
-subprocesses'). A variable already set is left alone. ``benchmarks/run_notebook.py --inplace``
-records outputs with the same settings.
+subprocesses'). A variable already set is left alone. Caution: with torch 2.13,
+ONEDNN_MAX_CPU_ISA=AVX2 corrupts the heap in inductor-compiled CPU code (tests/test_fuse.py's
+compiled test aborts in _int_malloc under it); the notebooks compile nothing on a CPU.
+``benchmarks/run_notebook.py --inplace`` records outputs with the same settings.
 """
 from __future__ import annotations
 
