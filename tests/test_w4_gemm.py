@@ -81,11 +81,14 @@ def test_decode_layout_is_cutlass_layout(tmp_path):
     assert torch.equal(nibbles[offsets], codes[:, rows])
 
 
-def test_one_configuration_compiles_without_spills(tmp_path):
-    """Every configuration is the same template: one must compile for sm_90a with no spills and with wgmma not serialized (ptxas warns C7510
-    when, e.g., device asserts put a call into the main loop: NDEBUG is needed)."""
+@pytest.mark.parametrize("config", ["f16_128_sk", "bf16_256"])
+def test_configurations_compile_without_spills(tmp_path, config):
+    """Every configuration is the same template; the stream-K fp16 one and the widest bf16 tile
+    (most registers) must compile for sm_90a with no spills and with wgmma not serialized
+    (ptxas warns C7510 when, e.g., device asserts put a call into the main loop: NDEBUG is
+    needed)."""
     include = _cutlass_or_skip()
-    src = w4_ops.CUDA_DIR / "w4_gemm_f16_128_sk.cu"
+    src = w4_ops.CUDA_DIR / f"w4_gemm_{config}.cu"
     run = _nvcc("-c", *w4_ops.NVCC_FLAGS, *(f"-I{d}" for d in include), "-Xptxas", "-v",
                 str(src), "-o", str(tmp_path / "w4.o"))
     log = run.stdout + run.stderr
