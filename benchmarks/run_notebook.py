@@ -9,7 +9,7 @@ keep their CPU outputs, which nbval compares in CI; the GPU run's copy goes to
 ``$OUT/<name>_<suffix>.ipynb`` (``benchmarks/results/`` when OUT is unset), written even when a
 cell fails, with the error in it. ``--inplace`` records a notebook's stored outputs instead: it
 runs the kernel with the CPU settings that nbval's runs use (``notebooks/conftest.py``'s
-``PINNED_ENV``) and writes the notebook back only when every cell ran. The code cells' text
+``missing_pins``) and writes the notebook back only when every cell ran. The code cells' text
 outputs are printed too. Needs nbclient and ipykernel (the ``lab`` extra).
 """
 from __future__ import annotations
@@ -32,13 +32,14 @@ def text_outputs(nb) -> list[str]:
     return out
 
 
-def pinned_env() -> dict[str, str]:
-    """The environment nbval's kernels get (notebooks/conftest.py), for recording outputs."""
+def missing_pins() -> dict[str, str]:
+    """What nbval's kernels get added to this environment (notebooks/conftest.py), for
+    recording outputs the way they are compared."""
     path = Path(__file__).parent.parent / "notebooks" / "conftest.py"
     spec = importlib.util.spec_from_file_location("notebooks_conftest", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.PINNED_ENV
+    return module.missing_pins()
 
 
 def main(argv=None) -> int:
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     nb = nbformat.read(args.notebook, as_version=4)
     if args.inplace:
-        os.environ.update(pinned_env())     # the kernel inherits it
+        os.environ.update(missing_pins())   # the kernel inherits it
         dest = args.notebook
     else:
         dest = Path(os.environ.get("OUT") or Path(__file__).parent / "results")

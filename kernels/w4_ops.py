@@ -88,9 +88,8 @@ def runs(p: PreparedCUDA) -> bool:
     """Whether the W4 GEMM takes this layer here: turned on (``GPTQ_LAB_W4=1``), built for this
     GPU (``unavailable``), and the layer's N a multiple of 16 (no padded outputs).
 
-    Opt-in until it has run on a GPU: it compiles and its layout and operands are checked on
-    the CPU (tests/test_w4_gemm.py), but its GPU tests and benchmarks/w4_gemm.py have not run
-    yet (no device machine could be had in the eleventh session)."""
+    Opt-in until it has run on a GPU (benchmarks/kernels_notes.md): so far it is only compiled
+    and checked on the CPU (tests/test_w4_gemm.py)."""
     return (os.environ.get("GPTQ_LAB_W4", "0") == "1" and p.out_features % 16 == 0
             and unavailable() is None)
 

@@ -28,10 +28,15 @@ PINNED_ENV = {
 }
 
 
+def missing_pins(environ=os.environ) -> dict[str, str]:
+    """The pinned settings ``environ`` does not set yet (a variable already set is left alone)."""
+    return {name: value for name, value in PINNED_ENV.items() if name not in environ}
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_setup(item):
     """The pinned settings while a notebook's kernel may start; pytest's own afterwards."""
-    added = {name: value for name, value in PINNED_ENV.items() if name not in os.environ}
+    added = missing_pins()
     os.environ.update(added)
     try:
         yield
