@@ -9,7 +9,8 @@ Per (shape, M): fp16 ``torch.matmul``; Triton's fused kernel (what ``QuantLinear
 rows), dequantize + cuBLAS (from 64 rows; what a ``cuda_decode`` layer ran above
 ``MAX_SLAB_M`` before the W4 GEMM), and each W4 configuration built
 for fp16 (``auto`` is ``w4_ops.choose``'s pick), reading the same CUDA layout (its time
-includes the per-call column permutation of x and the scales/zeros made from the layout). Every output is first checked against the
+includes the per-call column permutation of x and the scales/zeros made from the layout;
+``core`` is the auto configuration's GEMM alone, on inputs made beforehand). Every output is first checked against the
 float64 product (relative error < 2e-3). Timing as ``benchmarks/kernel_speed.py``'s ``rotate`` mode:
 GPU time of CUDA-graph replays over weight copies that together exceed 3 x L2, median.
 The 7B rows are the four products of one Llama-2-7B block at the prefill's M (fused q/k/v and
@@ -36,20 +37,24 @@ def layers(k: int, n: int, count: int):
         layer = gptq_layer(k, n)
         cuda = cuda_pack.prepare(*layer, 4, torch.float16)
         out.append({"layer": layer, "triton": triton_pack.prepare(*layer, 4), "cuda": cuda,
-                    "columns": w4_pack.gemm_columns(cuda)})
+                    "columns": w4_pack.gemm_columns(cuda), "scales": w4_pack.gemm_scales(cuda)})
     return out
 
 
-def paths(x: torch.Tensor):
-    """name -> fn(copy) -> y, for every path timed at this x."""
-    from gptq_lab.kernels import cuda_ops, triton_gemm, w4_ops
+def paths(x: torch.Tensor, first: dict):
+    """name -> fn(copy) -> y, for every path timed at this x (``first``: one of the copies)."""
+    from gptq_lab.kernels import cuda_ops, triton_gemm, w4_ops, w4_pack
     fns = {"triton": lambda c: triton_gemm.matmul(x, c["triton"])}
     if x.shape[0] <= cuda_ops.MAX_SLAB_M:
         fns["cuda"] = lambda c: cuda_ops.cuda_mm(x, c["cuda"])
     if x.shape[0] >= 64:
         fns["dequant"] = lambda c: cuda_ops.dequant_mm(x, c["cuda"])
     fns["w4 auto"] = lambda c: w4_ops.w4_mm(x, c["cuda"], columns=c["columns"])
-    for name, (dtype, _, _) in w4_ops.configs().items():
+    pick = w4_ops.choose(x.shape[0], x.dtype)
+    xg = w4_pack.gemm_input(x, first["columns"], x.shape[1])   # the copies share one column order
+    fns["w4 core"] = lambda c: w4_ops._w4_mm(xg, c["cuda"].qweight, *c["scales"], c["cuda"].group_size,
+                                             pick)[:, :c["cuda"].out_features]
+    for name, (dtype, _, _) in w4_ops.CONFIGS.items():
         if dtype == 0:
             fns[f"w4 {name}"] = lambda c, name=name: w4_ops.w4_mm(x, c["cuda"], name, c["columns"])
     return fns
@@ -66,7 +71,7 @@ def bench_shape(label: str, k: int, n: int, batches) -> list[dict]:
         ref = x.double() @ ref_w
         row = {"shape": label, "K": k, "N": n, "M": m,
                "fp16_us": rotating_time([lambda w=w: x @ w for w in w16s]) * 1e3}   # noqa: B023
-        for name, fn in paths(x).items():
+        for name, fn in paths(x, copies[0]).items():
             try:
                 err = rel_err(fn(copies[0]), ref)
             except (RuntimeError, ValueError) as e:
@@ -101,7 +106,7 @@ def main() -> None:
     from gptq_lab.kernels import w4_ops
     if w4_ops.unavailable():
         raise SystemExit(f"the W4 GEMM cannot run here: {w4_ops.unavailable()}")
-    print(torch.cuda.get_device_name(), "| configs:", ", ".join(w4_ops.configs()), flush=True)
+    print(torch.cuda.get_device_name(), "| configs:", ", ".join(w4_ops.CONFIGS), flush=True)
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
     for shape in filter(None, args.shapes.split(",")):
@@ -111,7 +116,7 @@ def main() -> None:
     if args.prefill_m:
         block = [r for name, (k, n) in BLOCK_7B.items() for r in bench_shape(name, k, n, [args.prefill_m])]
         rows += block
-        for path in ("triton", "dequant", "w4 auto"):
+        for path in ("triton", "dequant", "w4 auto", "w4 core"):
             if all(isinstance(r.get(path), float) for r in block):
                 fp16, t = sum(r["fp16_us"] for r in block), sum(r[path] for r in block)
                 print(f"one 7B block at M={args.prefill_m}: fp16 {fp16 / 1e3:.3f} ms, {path} "

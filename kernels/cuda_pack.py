@@ -53,11 +53,12 @@ def _lane_positions() -> tuple[torch.Tensor, torch.Tensor]:
     return row.expand(32, 8), col.expand(32, 8)
 
 
-def _chunk_order() -> torch.Tensor:
-    """[4, 16] int64: the physical k (0..63) inside a chunk of logical column kk of k-tile j.
-    Logical column 2t + 8h + l of tile j sits at 16t + 4j + 2h + l."""
-    j = torch.arange(4)[:, None]
-    kk = torch.arange(16)[None, :]
+def _chunk_order(device: torch.device | str | None = None) -> torch.Tensor:
+    """[4, 16] int64 on ``device``: the physical k (0..63) inside a chunk of logical column kk of
+    k-tile j. Logical column 2t + 8h + l of tile j sits at 16t + 4j + 2h + l. Made on the device
+    (no host-to-device copy: safe during CUDA graph capture, no stream sync)."""
+    j = torch.arange(4, device=device)[:, None]
+    kk = torch.arange(16, device=device)[None, :]
     t, h, lo = (kk % 8) // 2, kk // 8, kk % 2
     return 16 * t + 4 * j + 2 * h + lo
 
@@ -130,7 +131,7 @@ def _pack_codes(codes: torch.Tensor) -> torch.Tensor:
     """codes [Np, Kp] -> int32 [Kp/64, Np/16, 32, 4] (the lane words, chunk-major)."""
     np_, kp = codes.shape
     chunks = codes.to(torch.int64).reshape(np_ // TILE, TILE, kp // CHUNK, CHUNK)  # [nt,n,kc,64]
-    order = _chunk_order().to(codes.device)                                         # [4, 16]
+    order = _chunk_order(codes.device)                                              # [4, 16]
     tiles = chunks[..., order].permute(0, 2, 3, 1, 4)                              # [nt,kc,j,n,kk]
     row, col = (p.to(codes.device) for p in _lane_positions())
     nibbles = tiles[:, :, :, row, col]                                             # [nt,kc,j,32,8]
@@ -164,7 +165,7 @@ def unpack_prepared(p: PreparedCUDA) -> torch.Tensor:
     row, col = (q.to(dev) for q in _lane_positions())
     tiles[:, :, :, row, col] = nibbles                                             # [nt,kc,j,n,kk]
     chunks = torch.zeros(nt, TILE, kc, CHUNK, dtype=torch.int64, device=dev)
-    chunks[..., _chunk_order().to(dev)] = tiles.permute(0, 3, 1, 2, 4)
+    chunks[..., _chunk_order(dev)] = tiles.permute(0, 3, 1, 2, 4)
     return chunks.reshape(nt * TILE, kc * CHUNK)                                   # [Np, Kp]
 
 
@@ -181,12 +182,13 @@ def dequantize_prepared(p: PreparedCUDA) -> torch.Tensor:
 
 def scales_and_zeros(p: PreparedCUDA) -> tuple[torch.Tensor, torch.Tensor]:
     """The layout's fp16 scales and zero points, read back from ``meta``: two float32
-    [G, N'] tensors (exact)."""
-    nt = p.meta.shape[1]
-    factor = _unpairs(_row_factor(p.dtype).to(p.meta.device).expand(1, nt, 8, 2))[0]   # [Np]
-    zero_records = _unpairs(p.meta[..., :1].contiguous().view(p.dtype).float())   # MAGIC + z f
+    [G, N'] tensors (exact). Device ops only (no host copy), so it runs per call and under
+    CUDA graph capture."""
+    zero_records = p.meta[..., :1].contiguous().view(p.dtype).float() - MAGIC[p.dtype]  # z * f
+    rows_g8 = 16.0 if p.dtype == torch.float16 else 1.0                    # _row_factor's [1, f]
+    zeros = torch.stack((zero_records[..., 0], zero_records[..., 1] / rows_g8), dim=-1)
     scales = _unpairs(p.meta[..., 1:].contiguous().view(torch.float16).float())
-    return scales, (zero_records - MAGIC[p.dtype]) / factor
+    return scales, _unpairs(zeros)
 
 
 def kernel_input(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:

@@ -84,20 +84,34 @@ def unavailable() -> str | None:
     return None
 
 
+DEFAULT = False   # GPTQ_LAB_W4 unset: off until measured faster (benchmarks/kernels_notes.md)
+
+
+@torch.compiler.assume_constant_result      # read once when traced, not per call
+def enabled() -> bool:
+    """Whether ``cuda_decode`` layers may use the W4 GEMM here: ``GPTQ_LAB_W4=1`` turns it on,
+    ``0`` off, unset takes ``DEFAULT``; and it must build for this GPU (``unavailable``)."""
+    setting = os.environ.get("GPTQ_LAB_W4", "")
+    on = DEFAULT if setting == "" else setting == "1"
+    return on and unavailable() is None
+
+
 def runs(p: PreparedCUDA) -> bool:
-    """Whether the W4 GEMM takes this layer here: turned on (``GPTQ_LAB_W4=1``), built for this
-    GPU (``unavailable``), and the layer's N a multiple of 16 (no padded outputs).
-
-    Opt-in until it has run on a GPU (benchmarks/kernels_notes.md): so far it is only compiled
-    and checked on the CPU (tests/test_w4_gemm.py)."""
-    return (os.environ.get("GPTQ_LAB_W4", "0") == "1" and p.out_features % 16 == 0
-            and unavailable() is None)
+    """Whether the W4 GEMM takes this layer here: ``enabled()`` and the layer's N a multiple of
+    16 (no padded outputs)."""
+    return p.out_features % 16 == 0 and enabled()
 
 
-@functools.cache
+# name -> (dtype 0 fp16 / 1 bf16, batch rows per tile, stream-K): GPTQ_LAB_W4_CONFIGS in
+# cuda/w4_gemm_api.h (a CPU test checks they agree, a GPU test that the build has them). Kept
+# here as plain data so that choosing one traces under torch.compile(fullgraph=True).
+CONFIGS = {"f16_64_sk": (0, 64, True), "f16_128_sk": (0, 128, True), "f16_128": (0, 128, False),
+           "f16_256": (0, 256, False), "bf16_128_sk": (1, 128, True), "bf16_256": (1, 256, False)}
+
+
 def configs() -> dict[str, tuple[int, int, bool]]:
     """name -> (dtype 0 fp16 / 1 bf16, batch rows per tile, stream-K), as built."""
-    return {name: (dtype, tile, sk) for name, dtype, tile, sk in _build().w4_configs()}
+    return CONFIGS
 
 
 def choose(m: int, dtype: torch.dtype) -> str:

@@ -31,12 +31,13 @@ from .cuda_pack import (
 
 def gemm_columns(p: PreparedCUDA) -> torch.Tensor:
     """int64 [K'64]: the input column each GEMM column reads (``p.in_features``: a zero
-    column, for act-order's padded groups and the padding of K to 64)."""
+    column, for act-order's padded groups and the padding of K to 64). Made with device ops only
+    (no host copy: no stream sync per call, safe under CUDA graph capture)."""
     kp = _round_up(p.k_rows, CHUNK)
     dev = p.meta.device
     source = p.perm if p.perm is not None else torch.arange(p.k_rows, device=dev)
     source = torch.nn.functional.pad(source, (0, kp - p.k_rows), value=p.in_features)
-    chunk = _chunk_order().to(dev).reshape(-1)                                 # [64]
+    chunk = _chunk_order(dev).reshape(-1)                                      # [64]
     logical = (torch.arange(kp // CHUNK, device=dev)[:, None] * CHUNK + chunk).reshape(-1)
     return source[logical]
 
@@ -64,5 +65,5 @@ def dequantize_for_gemm(p: PreparedCUDA) -> torch.Tensor:
     grp = torch.arange(codes.shape[0], device=codes.device) // p.group_size
     kp = codes.shape[0]
     logical = (torch.arange(kp // CHUNK, device=codes.device)[:, None] * CHUNK
-               + _chunk_order().to(codes.device).reshape(-1)).reshape(-1)
+               + _chunk_order(codes.device).reshape(-1)).reshape(-1)
     return (codes * scales[grp] + zeros[grp])[logical]

@@ -97,11 +97,12 @@ def test_configurations_compile_without_spills(tmp_path, config):
     assert all(int(s) == 0 for s in re.findall(r"(\d+) bytes spill stores", log))
 
 
-def test_every_configuration_has_its_source():
+def test_every_configuration_has_its_source_and_python_entry():
     api = (w4_ops.CUDA_DIR / "w4_gemm_api.h").read_text()
-    names = re.findall(r"^\s*X\((\w+),", api, re.MULTILINE)
-    assert names and sorted(names) == sorted(s.stem.removeprefix("w4_gemm_")
-                                             for s in w4_ops.SOURCES if s.suffix == ".cu")
+    rows = re.findall(r"^\s*X\((\w+), (\d), (\d+), (\d)\)", api, re.MULTILINE)
+    assert rows and sorted(name for name, *_ in rows) == sorted(
+        s.stem.removeprefix("w4_gemm_") for s in w4_ops.SOURCES if s.suffix == ".cu")
+    assert w4_ops.CONFIGS == {name: (int(d), int(t), sk == "1") for name, d, t, sk in rows}
 
 
 # ------------------------------------------------------------------ GPU (Hopper)
@@ -134,6 +135,7 @@ def test_gpu_matches_reference(n, k, group_size, sym, act_order, dtype, m):
 @pytest.mark.gpu
 @hopper
 def test_gpu_every_configuration_matches_reference():
+    assert {name: (d, t, sk) for name, d, t, sk in w4_ops._build().w4_configs()} == w4_ops.CONFIGS
     for name, (dtype_id, _, _) in w4_ops.configs().items():
         dtype = torch.bfloat16 if dtype_id else torch.float16
         layer = make_layer(384, 1024, 4, 128, sym=False, device="cuda")
@@ -146,19 +148,23 @@ def test_gpu_every_configuration_matches_reference():
 
 @pytest.mark.gpu
 @hopper
-def test_gpu_torch_compile_fullgraph_matches_eager():
+def test_gpu_torch_compile_fullgraph_matches_eager(monkeypatch):
+    from gptq_lab.kernels import cuda_ops
+    monkeypatch.setenv("GPTQ_LAB_W4", "1")
     layer = make_layer(512, 1024, 4, 128, sym=True, device="cuda")
     p = prepare(*layer, 4, torch.float16)
     x = torch.randn(300, 1024, device="cuda", dtype=torch.float16)
     eager = w4_ops.w4_mm(x, p)
     compiled = torch.compile(lambda t: w4_ops.w4_mm(t, p), fullgraph=True)(x)
     assert torch.equal(eager, compiled)
+    dispatched = torch.compile(lambda t: cuda_ops.matmul(t, p), fullgraph=True)(x)   # runs() traced
+    assert torch.equal(eager, dispatched)
 
 
 @pytest.mark.gpu
 @hopper
-@pytest.mark.parametrize("setting,expect_w4", [("1", True), ("0", False), (None, False)])
-def test_gpu_cuda_decode_layers_take_the_w4_gemm_only_when_turned_on(monkeypatch, setting, expect_w4):
+@pytest.mark.parametrize("setting,expect_w4", [("1", True), ("0", False), (None, w4_ops.DEFAULT)])
+def test_gpu_cuda_decode_layers_take_the_w4_gemm_when_turned_on(monkeypatch, setting, expect_w4):
     from gptq_lab.kernels import cuda_ops
     if setting is None:
         monkeypatch.delenv("GPTQ_LAB_W4", raising=False)
@@ -174,11 +180,15 @@ def test_gpu_cuda_decode_layers_take_the_w4_gemm_only_when_turned_on(monkeypatch
     assert rel_err(y, x.double() @ dequantize_gptq(*layer, 4).double()) < TOL[torch.float16]
 
 
-def test_the_w4_gemm_is_opt_in(monkeypatch):
-    """Off unless GPTQ_LAB_W4=1 (it has not run on a GPU yet), whatever the machine."""
-    monkeypatch.delenv("GPTQ_LAB_W4", raising=False)
+def test_the_w4_setting_turns_it_on_and_off(monkeypatch):
+    """GPTQ_LAB_W4=1 on, 0 off, unset w4_ops.DEFAULT; layers whose N is not a multiple of 16 never."""
     monkeypatch.setattr(w4_ops, "unavailable", lambda: None)
-    p = type("P", (), {"out_features": 512})()
+    p, odd = (type("P", (), {"out_features": n})() for n in (512, 520))
+    for setting, expect in (("1", True), ("0", False), (None, w4_ops.DEFAULT)):
+        if setting is None:
+            monkeypatch.delenv("GPTQ_LAB_W4", raising=False)
+        else:
+            monkeypatch.setenv("GPTQ_LAB_W4", setting)
+        assert w4_ops.runs(p) == expect and not w4_ops.runs(odd)
+    monkeypatch.setattr(w4_ops, "unavailable", lambda: "no CUDA device")
     assert not w4_ops.runs(p)
-    monkeypatch.setenv("GPTQ_LAB_W4", "1")
-    assert w4_ops.runs(p)
