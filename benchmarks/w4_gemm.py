@@ -52,8 +52,8 @@ def paths(x: torch.Tensor, first: dict):
     fns["w4 auto"] = lambda c: w4_ops.w4_mm(x, c["cuda"], columns=c["columns"])
     pick = w4_ops.choose(x.shape[0], x.dtype)
     xg = w4_pack.gemm_input(x, first["columns"], x.shape[1])   # the copies share one column order
-    fns["w4 core"] = lambda c: w4_ops._w4_mm(xg, c["cuda"].qweight, *c["scales"], c["cuda"].group_size,
-                                             pick)[:, :c["cuda"].out_features]
+    fns["w4 core"] = lambda c: w4_ops._build().w4_gemm(xg, c["cuda"].qweight, *c["scales"],
+                                                       c["cuda"].group_size, pick)[:, :c["cuda"].out_features]
     for name, (dtype, _, _) in w4_ops.CONFIGS.items():
         if dtype == 0:
             fns[f"w4 {name}"] = lambda c, name=name: w4_ops.w4_mm(x, c["cuda"], name, c["columns"])

@@ -146,13 +146,13 @@ def dequant_mm(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:
 
 def matmul(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:
     """x [..., K] -> [..., N] the fastest way from the CUDA layout alone (what a ``cuda_decode``
-    layer runs): the kernel for up to ``MAX_SLAB_M`` rows; above, the W4 GEMM on Hopper when
-    turned on (``w4_ops.runs``: ``GPTQ_LAB_W4=1``, built, and the layer fits it), else
-    dequantize + cuBLAS."""
+    layer runs): the W4 GEMM from ``w4_ops.MIN_M`` rows on where it runs (``w4_ops.runs``:
+    Hopper, built, turned on, the layer fits it); else the kernel for up to ``MAX_SLAB_M`` rows
+    and dequantize + cuBLAS above."""
     rows = x.numel() // p.in_features
-    if rows <= MAX_SLAB_M:
-        return cuda_mm(x, p)
-    return w4_ops.w4_mm(x, p) if w4_ops.runs(p) else dequant_mm(x, p)
+    if rows >= w4_ops.MIN_M and w4_ops.runs(p):
+        return w4_ops.w4_mm(x, p)
+    return cuda_mm(x, p) if rows <= MAX_SLAB_M else dequant_mm(x, p)
 
 
 _PREPARED: dict[tuple, tuple[weakref.ref, PreparedCUDA | None]] = {}

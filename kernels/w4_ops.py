@@ -28,7 +28,7 @@ import torch
 
 from .cuda_pack import PreparedCUDA
 from .ops import run_op
-from .w4_pack import gemm_columns, gemm_input, gemm_scales
+from .w4_pack import gemm_columns, gemm_input
 
 CUDA_DIR = Path(__file__).parent / "cuda"
 SOURCES = [CUDA_DIR / "w4_binding.cpp", *sorted(CUDA_DIR.glob("w4_gemm_*.cu"))]
@@ -85,6 +85,9 @@ def unavailable() -> str | None:
 
 
 DEFAULT = False   # GPTQ_LAB_W4 unset: off until measured faster (benchmarks/kernels_notes.md)
+MIN_M = 64        # cuda_decode layers take it from here (H100, 2026-12-07: at 64 rows the GEMM
+                  # alone took 0.53-0.65x the decode kernel's time on 4096x11008, 8192x8192,
+                  # 8192x28672; nothing was measured between 16 and 64 rows)
 
 
 @torch.compiler.assume_constant_result      # read once when traced, not per call
@@ -124,9 +127,13 @@ def choose(m: int, dtype: torch.dtype) -> str:
     return next((name for tile, _, name in fits if tile >= m), fits[-1][2])
 
 
-def _w4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-           group_size: int, config: str) -> torch.Tensor:
-    """x [M, K'] (GEMM column order, contiguous) -> [M, N'] in x's dtype."""
+def _w4_mm(x: torch.Tensor, qweight: torch.Tensor, meta: torch.Tensor, group_size: int,
+           config: str) -> torch.Tensor:
+    """x [M, K'] (GEMM column order, contiguous, the layout's dtype) -> [M, N'] in x's dtype;
+    the scales and zeros are made from ``meta`` here (``w4_scales``: one Triton kernel)."""
+    # imports Triton: only where the GEMM runs
+    from .w4_scales import gemm_scales
+    scales, zeros = gemm_scales(meta, x.dtype)
     return _build().w4_gemm(x, qweight, scales, zeros, group_size, config)
 
 
@@ -134,8 +141,8 @@ w4_gemm = torch.library.custom_op("gptq_lab::w4_mm", _w4_mm, mutates_args=())
 
 
 @w4_gemm.register_fake
-def _(x, qweight, scales, zeros, group_size, config):
-    return x.new_empty((x.shape[0], scales.shape[1]))
+def _(x, qweight, meta, group_size, config):
+    return x.new_empty((x.shape[0], meta.shape[1] * 16))
 
 
 def w4_mm(x: torch.Tensor, p: PreparedCUDA, config: str | None = None,
@@ -146,10 +153,8 @@ def w4_mm(x: torch.Tensor, p: PreparedCUDA, config: str | None = None,
         raise ValueError(f"x is {x.dtype} but the layer was prepared for {p.dtype}")
     flat = x.reshape(-1, p.in_features)
     flat = gemm_input(flat, gemm_columns(p) if columns is None else columns, p.in_features)
-    scales, zeros = gemm_scales(p)
     config = config or choose(flat.shape[0], p.dtype)
-    out = run_op(torch.ops.gptq_lab.w4_mm, _w4_mm, flat, p.qweight, scales, zeros, p.group_size,
-                 config)
+    out = run_op(torch.ops.gptq_lab.w4_mm, _w4_mm, flat, p.qweight, p.meta, p.group_size, config)
     if out.shape[1] != p.out_features:
         out = out[:, :p.out_features]
     return out.reshape(*x.shape[:-1], p.out_features)

@@ -3,15 +3,18 @@
 CPU: the GEMM's operands (the CUDA decode layout read as CUTLASS reads it, permuted x, dtype
 scales and zeros) multiply as the reference; the layout formula against CUTLASS's own (a host
 program built with nvcc, where nvcc and the CUTLASS headers are present); one configuration
-compiles for sm_90a with no spills and no serialized wgmma.
+compiles for sm_90a with no spills and no serialized wgmma; the Triton kernel that makes the
+scales and zeros per call (``w4_scales``) under TRITON_INTERPRET=1 equals the torch version.
 GPU (marked ``gpu``, Hopper only): a sweep of shapes, batch sizes, group sizes, act-order,
 sym/asym and both dtypes, every built configuration, and torch.compile.
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -97,6 +100,29 @@ def test_configurations_compile_without_spills(tmp_path, config):
     assert all(int(s) == 0 for s in re.findall(r"(\d+) bytes spill stores", log))
 
 
+SCALES_CHECK = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_triton import make_layer
+from gptq_lab.kernels import cuda_pack, w4_pack, w4_scales
+for dtype in (torch.float16, torch.bfloat16):
+    for n, k, gs, sym, act in ((272, 576, 64, False, True), (48, 256, 128, True, False),
+                               (32, 192, -1, False, False)):
+        p = cuda_pack.prepare(*make_layer(n, k, 4, gs, sym=sym, act_order=act), 4, dtype)
+        want, got = w4_pack.gemm_scales(p), w4_scales.gemm_scales(p.meta, dtype)
+        assert all(g.dtype == dtype and torch.equal(w, g) for w, g in zip(want, got)), (dtype, n, k)
+print("ok")
+"""
+
+
+def test_scales_kernel_under_the_triton_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", SCALES_CHECK, os.path.dirname(__file__)], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
 def test_every_configuration_has_its_source_and_python_entry():
     api = (w4_ops.CUDA_DIR / "w4_gemm_api.h").read_text()
     rows = re.findall(r"^\s*X\((\w+), (\d), (\d+), (\d)\)", api, re.MULTILINE)
@@ -144,6 +170,16 @@ def test_gpu_every_configuration_matches_reference():
         for m in (8, 130, 700):
             x = torch.randn(m, 1024, device="cuda", dtype=dtype)
             assert rel_err(w4_ops.w4_mm(x, p, name), x.double() @ ref_w) < TOL[dtype], (name, m)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_scales_kernel_equals_torch(dtype):
+    from gptq_lab.kernels import w4_pack, w4_scales
+    p = prepare(*make_layer(1040, 1536, 4, 128, sym=False, act_order=True, device="cuda"), 4, dtype)
+    want, got = w4_pack.gemm_scales(p), w4_scales.gemm_scales(p.meta, dtype)
+    assert all(torch.equal(w, g) for w, g in zip(want, got))
 
 
 @pytest.mark.gpu
