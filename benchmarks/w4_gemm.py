@@ -51,7 +51,7 @@ def paths(x: torch.Tensor, first: dict):
         fns["dequant"] = lambda c: cuda_ops.dequant_mm(x, c["cuda"])
     fns["w4 auto"] = lambda c: w4_ops.w4_mm(x, c["cuda"], columns=c["columns"])
     pick = w4_ops.choose(x.shape[0], x.dtype)
-    xg = w4_pack.gemm_input(x, first["columns"], x.shape[1])   # the copies share one column order
+    xg = w4_pack.gemm_input(x, first["cuda"])          # the copies share one column order
     fns["w4 core"] = lambda c: w4_ops._build().w4_gemm(xg, c["cuda"].qweight, *c["scales"],
                                                        c["cuda"].group_size, pick)[:, :c["cuda"].out_features]
     for name, (dtype, _, _) in w4_ops.CONFIGS.items():

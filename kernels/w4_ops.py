@@ -28,7 +28,7 @@ import torch
 
 from .cuda_pack import PreparedCUDA
 from .ops import run_op
-from .w4_pack import gemm_columns, gemm_input
+from .w4_pack import gemm_input
 
 CUDA_DIR = Path(__file__).parent / "cuda"
 SOURCES = [CUDA_DIR / "w4_binding.cpp", *sorted(CUDA_DIR.glob("w4_gemm_*.cu"))]
@@ -148,11 +148,11 @@ def _(x, qweight, meta, group_size, config):
 def w4_mm(x: torch.Tensor, p: PreparedCUDA, config: str | None = None,
           columns: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] in p.dtype on an sm_90 GPU -> [..., N]. ``config`` forces a configuration;
-    ``columns`` is ``w4_pack.gemm_columns(p)`` when the caller keeps it (else made here)."""
+    ``columns`` is ``w4_pack.gemm_columns(p)`` when the caller keeps it (act-order layers;
+    else made here when needed)."""
     if x.dtype != p.dtype:
         raise ValueError(f"x is {x.dtype} but the layer was prepared for {p.dtype}")
-    flat = x.reshape(-1, p.in_features)
-    flat = gemm_input(flat, gemm_columns(p) if columns is None else columns, p.in_features)
+    flat = gemm_input(x.reshape(-1, p.in_features), p, columns)
     config = config or choose(flat.shape[0], p.dtype)
     out = run_op(torch.ops.gptq_lab.w4_mm, _w4_mm, flat, p.qweight, p.meta, p.group_size, config)
     if out.shape[1] != p.out_features:

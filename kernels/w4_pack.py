@@ -42,13 +42,22 @@ def gemm_columns(p: PreparedCUDA) -> torch.Tensor:
     return source[logical]
 
 
-def gemm_input(x: torch.Tensor, columns: torch.Tensor, in_features: int) -> torch.Tensor:
-    """x [M, K] -> the GEMM's activations [M, K'64] (``gemm_columns`` order, contiguous). A
-    zero column is appended when the columns reach past K (K' > K), decided from shapes alone
-    (no device sync)."""
-    if columns.numel() > in_features:
+def gemm_input(x: torch.Tensor, p: PreparedCUDA, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] -> the GEMM's activations [M, K'64] in ``gemm_columns`` order, contiguous.
+    Without act-order every chunk of 64 has the same order, so this is one permuting copy
+    (coalesced, no index reads; K padded with zeros to 64); with it, one gather by ``columns``
+    (``gemm_columns(p)``, made here unless given; a zero column appended when they reach past
+    K). Decided from shapes alone (no device sync)."""
+    if p.perm is None:
+        m, kp = x.shape[0], _round_up(p.k_rows, CHUNK)
+        if kp > x.shape[1]:
+            x = torch.nn.functional.pad(x, (0, kp - x.shape[1]))
+        # physical column 16 t + 4 j + 2 h + l of a chunk -> logical 16 j + 8 h + 2 t + l
+        return x.reshape(m, kp // CHUNK, 4, 4, 2, 2).permute(0, 1, 3, 4, 2, 5).reshape(m, kp)
+    columns = gemm_columns(p) if columns is None else columns
+    if columns.numel() > p.in_features:
         x = torch.nn.functional.pad(x, (0, 1))
-    return x.index_select(1, columns)
+    return x[:, columns]
 
 
 def gemm_scales(p: PreparedCUDA) -> tuple[torch.Tensor, torch.Tensor]:

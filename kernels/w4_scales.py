@@ -20,14 +20,12 @@ BLOCK = 1024       # records per program
 
 
 @triton.jit
-def _to_dtype(v, BF16: tl.constexpr):
-    """float32 -> fp16 / bf16, rounded to nearest even. bf16 by hand: Triton's CPU interpreter
-    truncates that conversion, so the CPU test could not check the GPU's values otherwise."""
-    if BF16:
-        bits = v.to(tl.int32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return ((bits >> 16) & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    return v.to(tl.float16)
+def _round_bf16(v):
+    """float32 -> bf16 rounded to nearest even, by hand: Triton's CPU interpreter truncates
+    that conversion, so the CPU test could not check the GPU's values otherwise."""
+    bits = v.to(tl.int32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return ((bits >> 16) & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -44,8 +42,12 @@ def _scales_kernel(meta_ptr, scales_ptr, zeros_ptr, records, magic, BF16: tl.con
         z = ((zw >> (16 * half)) & 0xFFFF).to(tl.int16).to(dtype, bitcast=True).to(tl.float32) - magic
         if half == 1 and not BF16:
             z = z / 16.0                                                 # _row_factor
-        tl.store(scales_ptr + out + 8 * half, _to_dtype(s, BF16), mask=live)
-        tl.store(zeros_ptr + out + 8 * half, _to_dtype(-s * z, BF16), mask=live)
+        if BF16:                                       # constexpr: one branch is compiled
+            s_out, z_out = _round_bf16(s), _round_bf16(-s * z)
+        else:
+            s_out, z_out = s.to(tl.float16), (-s * z).to(tl.float16)
+        tl.store(scales_ptr + out + 8 * half, s_out, mask=live)
+        tl.store(zeros_ptr + out + 8 * half, z_out, mask=live)
 
 
 def gemm_scales(meta: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,8 +55,19 @@ def test_gemm_operands_multiply_as_the_reference(n, k, group_size, sym, act_orde
     layer = make_layer(n, k, 4, group_size, sym=sym, act_order=act_order)
     p = prepare(*layer, 4, dtype)
     x = torch.randn(3, k)
-    got = gemm_input(x, gemm_columns(p), k) @ dequantize_for_gemm(p)[:, :n]
+    got = gemm_input(x, p) @ dequantize_for_gemm(p)[:, :n]
     assert rel_err(got, x @ dequantize_gptq(*layer, 4)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("k,act_order", [(256, False), (200, False), (320, True)])
+def test_gemm_input_is_x_gathered_by_gemm_columns(k, act_order):
+    """The permuting copy (no act-order) and the gather both put x's columns in gemm_columns order."""
+    p = prepare(*make_layer(32, k, 4, 64 if act_order else -1, sym=True, act_order=act_order), 4,
+                torch.float16)
+    x = torch.randn(5, k)
+    want = torch.nn.functional.pad(x, (0, 1))[:, gemm_columns(p)]     # column k: zeros
+    got = gemm_input(x, p)
+    assert got.is_contiguous() and torch.equal(got, want)
 
 
 def test_decode_layout_is_cutlass_layout(tmp_path):
@@ -113,6 +124,22 @@ for dtype in (torch.float16, torch.bfloat16):
         assert all(g.dtype == dtype and torch.equal(w, g) for w, g in zip(want, got)), (dtype, n, k)
 print("ok")
 """
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_scales_kernel_compiles_for_sm90(dtype):
+    """Triton's front end and PTX code generation, no GPU needed (the interpreter skips both)."""
+    pytest.importorskip("triton")
+    import triton
+    from gptq_lab.kernels.w4_scales import BLOCK, _scales_kernel
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    signature = {"meta_ptr": "*i32", "scales_ptr": f"*{dtype}", "zeros_ptr": f"*{dtype}",
+                 "records": "i32", "magic": "fp32", "BF16": "constexpr", "BLOCK": "constexpr"}
+    constexprs = {"BF16": dtype == "bf16", "BLOCK": BLOCK}
+    kernel = triton.compile(ASTSource(_scales_kernel, signature, constexprs=constexprs),
+                            target=GPUTarget("cuda", 90, 128))
+    assert ".entry _scales_kernel" in kernel.asm["ptx"]
 
 
 def test_scales_kernel_under_the_triton_interpreter():
