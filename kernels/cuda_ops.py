@@ -4,8 +4,8 @@
     y = cuda_mm(x, p)                                           # p = cuda_pack.prepare(...)
     y = dequant_mm(x, p)            # large M: W dequantized from p into a shared buffer, cuBLAS
     y = matmul(x, p)                # by M (what a prepared cuda_decode layer runs): the kernel,
-                                    # then on Hopper the CUTLASS W4 GEMM (w4_ops) on the same
-                                    # layout, else dequant_mm
+                                    # then dequant_mm; on Hopper with GPTQ_LAB_W4=1 the CUTLASS
+                                    # W4 GEMM (w4_ops) on the same layout from w4_ops.MIN_M rows
 
 The sources are built by ``torch.utils.cpp_extension.load`` the first time a CUDA call needs
 them (about a minute; cached by torch under ``TORCH_EXTENSIONS_DIR``, default

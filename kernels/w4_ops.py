@@ -6,7 +6,8 @@ cores with the weights dequantized in registers instead of writing W out in fp16
     y = w4_mm(x, p)                     # x [..., K] fp16/bf16 on an sm_90 GPU -> [..., N]
 
 It reads the CUDA decode kernel's layout as it is (``w4_pack`` says how), so a layer keeps one
-copy of its weights for decode and prefill.
+copy of its weights for decode and prefill. ``cuda_ops.matmul`` (what ``cuda_decode`` layers run)
+sends it calls of ``MIN_M`` rows or more when ``enabled()``: opt-in for now, ``GPTQ_LAB_W4=1``.
 
 Built by ``torch.utils.cpp_extension.load`` (one unit per configuration, compiled in parallel;
 a few minutes; cached by torch under ``TORCH_EXTENSIONS_DIR``) against CUTLASS's headers, which
@@ -84,7 +85,8 @@ def unavailable() -> str | None:
     return None
 
 
-DEFAULT = False   # GPTQ_LAB_W4 unset: off until measured faster (benchmarks/kernels_notes.md)
+DEFAULT = False   # GPTQ_LAB_W4 unset: off until the whole call beats dequantize + cuBLAS at the
+                  # prefill's M on a GPU (benchmarks/kernels_notes.md, twelfth session)
 MIN_M = 64        # cuda_decode layers take it from here (H100, 2026-12-07: at 64 rows the GEMM
                   # alone took 0.53-0.65x the decode kernel's time on 4096x11008, 8192x8192,
                   # 8192x28672; nothing was measured between 16 and 64 rows)
