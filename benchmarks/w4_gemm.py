@@ -37,7 +37,7 @@ def layers(k: int, n: int, count: int):
         layer = gptq_layer(k, n)
         cuda = cuda_pack.prepare(*layer, 4, torch.float16)
         out.append({"layer": layer, "triton": triton_pack.prepare(*layer, 4), "cuda": cuda,
-                    "columns": w4_pack.gemm_columns(cuda), "scales": w4_pack.gemm_scales(cuda)})
+                    "scales": w4_pack.gemm_scales(cuda)})
     return out
 
 
@@ -49,14 +49,14 @@ def paths(x: torch.Tensor, first: dict):
         fns["cuda"] = lambda c: cuda_ops.cuda_mm(x, c["cuda"])
     if x.shape[0] >= 64:
         fns["dequant"] = lambda c: cuda_ops.dequant_mm(x, c["cuda"])
-    fns["w4 auto"] = lambda c: w4_ops.w4_mm(x, c["cuda"], columns=c["columns"])
+    fns["w4 auto"] = lambda c: w4_ops.w4_mm(x, c["cuda"])
     pick = w4_ops.choose(x.shape[0], x.dtype)
     xg = w4_pack.gemm_input(x, first["cuda"])          # the copies share one column order
     fns["w4 core"] = lambda c: w4_ops._build().w4_gemm(xg, c["cuda"].qweight, *c["scales"],
                                                        c["cuda"].group_size, pick)[:, :c["cuda"].out_features]
     for name, (dtype, _, _) in w4_ops.CONFIGS.items():
         if dtype == 0:
-            fns[f"w4 {name}"] = lambda c, name=name: w4_ops.w4_mm(x, c["cuda"], name, c["columns"])
+            fns[f"w4 {name}"] = lambda c, name=name: w4_ops.w4_mm(x, c["cuda"], name)
     return fns
 
 

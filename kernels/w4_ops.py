@@ -147,14 +147,11 @@ def _(x, qweight, meta, group_size, config):
     return x.new_empty((x.shape[0], meta.shape[1] * 16))
 
 
-def w4_mm(x: torch.Tensor, p: PreparedCUDA, config: str | None = None,
-          columns: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] in p.dtype on an sm_90 GPU -> [..., N]. ``config`` forces a configuration;
-    ``columns`` is ``w4_pack.gemm_columns(p)`` when the caller keeps it (act-order layers;
-    else made here when needed)."""
+def w4_mm(x: torch.Tensor, p: PreparedCUDA, config: str | None = None) -> torch.Tensor:
+    """x [..., K] in p.dtype on an sm_90 GPU -> [..., N]. ``config`` forces a configuration."""
     if x.dtype != p.dtype:
         raise ValueError(f"x is {x.dtype} but the layer was prepared for {p.dtype}")
-    flat = gemm_input(x.reshape(-1, p.in_features), p, columns)
+    flat = gemm_input(x.reshape(-1, p.in_features), p)
     config = config or choose(flat.shape[0], p.dtype)
     out = run_op(torch.ops.gptq_lab.w4_mm, _w4_mm, flat, p.qweight, p.meta, p.group_size, config)
     if out.shape[1] != p.out_features:

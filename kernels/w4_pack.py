@@ -10,10 +10,11 @@ GEMM and are made here, per call, from the layer's own tensors:
 
 - the K order: inside each chunk the layout keeps logical column ``16 j + 2 t + 8 h + l`` at
   physical input ``16 t + 4 j + 2 h + l`` (``cuda_pack._chunk_order``), so the GEMM's x is x's
-  columns in that order (``gemm_columns``; composed with act-order's permutation);
+  columns in that order (``gemm_columns``, composed with act-order's permutation; ``gemm_input``
+  makes it as the decode kernel's input followed by one permuting copy);
 - scales and zeros as [G, N'] tensors in the activation dtype (``gemm_scales``), read from the
   layout's ``meta`` records; the GEMM computes w = scale * code + zeros with zeros = -scale *
-  zero point.
+  zero point. On the GPU ``w4_scales.gemm_scales`` makes the same in one Triton kernel.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from .cuda_pack import (
     PreparedCUDA,
     _chunk_order,
     _round_up,
+    kernel_input,
     scales_and_zeros,
     unpack_prepared,
 )
@@ -42,22 +44,14 @@ def gemm_columns(p: PreparedCUDA) -> torch.Tensor:
     return source[logical]
 
 
-def gemm_input(x: torch.Tensor, p: PreparedCUDA, columns: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] -> the GEMM's activations [M, K'64] in ``gemm_columns`` order, contiguous.
-    Without act-order every chunk of 64 has the same order, so this is one permuting copy
-    (coalesced, no index reads; K padded with zeros to 64); with it, one gather by ``columns``
-    (``gemm_columns(p)``, made here unless given; a zero column appended when they reach past
-    K). Decided from shapes alone (no device sync)."""
-    if p.perm is None:
-        m, kp = x.shape[0], _round_up(p.k_rows, CHUNK)
-        if kp > x.shape[1]:
-            x = torch.nn.functional.pad(x, (0, kp - x.shape[1]))
-        # physical column 16 t + 4 j + 2 h + l of a chunk -> logical 16 j + 8 h + 2 t + l
-        return x.reshape(m, kp // CHUNK, 4, 4, 2, 2).permute(0, 1, 3, 4, 2, 5).reshape(m, kp)
-    columns = gemm_columns(p) if columns is None else columns
-    if columns.numel() > p.in_features:
-        x = torch.nn.functional.pad(x, (0, 1))
-    return x[:, columns]
+def gemm_input(x: torch.Tensor, p: PreparedCUDA) -> torch.Tensor:
+    """x [M, K] -> the GEMM's activations [M, K'64] in ``gemm_columns`` order, contiguous: the
+    decode kernel's input (act-order's gather, zeros up to a multiple of 64; ``kernel_input``),
+    then one permuting copy, the same inside every chunk of 64 (coalesced, no index reads)."""
+    x = kernel_input(x, p)
+    m, kp = x.shape
+    # physical column 16 t + 4 j + 2 h + l of a chunk -> logical 16 j + 8 h + 2 t + l
+    return x.reshape(m, kp // CHUNK, 4, 4, 2, 2).permute(0, 1, 3, 4, 2, 5).reshape(m, kp)
 
 
 def gemm_scales(p: PreparedCUDA) -> tuple[torch.Tensor, torch.Tensor]:
