@@ -107,23 +107,27 @@ def runs(p: PreparedCUDA) -> bool:
     return p.out_features % 16 == 0 and enabled()
 
 
-# name -> (dtype 0 fp16 / 1 bf16, batch rows per tile, stream-K): GPTQ_LAB_W4_CONFIGS in
-# cuda/w4_gemm_api.h (a CPU test checks they agree, a GPU test that the build has them). Kept
-# here as plain data so that choosing one traces under torch.compile(fullgraph=True).
-CONFIGS = {"f16_64_sk": (0, 64, True), "f16_128_sk": (0, 128, True), "f16_128": (0, 128, False),
-           "f16_256": (0, 256, False), "bf16_128_sk": (1, 128, True), "bf16_256": (1, 256, False)}
+# name -> (dtype 0 fp16 / 1 bf16, batch rows per tile, stream-K, inputs per k-block):
+# GPTQ_LAB_W4_CONFIGS in cuda/w4_gemm_api.h (a CPU test checks they agree, a GPU test that the
+# build has them). Kept here as plain data so that choosing one traces under
+# torch.compile(fullgraph=True).
+CONFIGS = {"f16_64_sk": (0, 64, True, 64), "f16_128_sk": (0, 128, True, 64),
+           "f16_128": (0, 128, False, 64), "f16_256": (0, 256, False, 64),
+           "bf16_128_sk": (1, 128, True, 64), "bf16_256": (1, 256, False, 64),
+           "f16_128_k128": (0, 128, False, 128)}   # not chosen yet: never timed (kernels_notes)
 
 
-def configs() -> dict[str, tuple[int, int, bool]]:
-    """name -> (dtype 0 fp16 / 1 bf16, batch rows per tile, stream-K), as built."""
+def configs() -> dict[str, tuple[int, int, bool, int]]:
+    """name -> (dtype 0 fp16 / 1 bf16, batch rows per tile, stream-K, inputs per k-block)."""
     return CONFIGS
 
 
 def choose(m: int, dtype: torch.dtype) -> str:
     """The configuration for M rows: the smallest tile that holds them (stream-K first), else
-    the largest tile."""
+    the largest tile; k-blocks of 64 (they take every group size)."""
     want = 1 if dtype == torch.bfloat16 else 0
-    fits = sorted((tile, not sk, name) for name, (d, tile, sk) in configs().items() if d == want)
+    fits = sorted((tile, not sk, name) for name, (d, tile, sk, k) in CONFIGS.items()
+                  if d == want and k == 64)
     if not fits:
         raise ValueError(f"no W4 GEMM is built for {dtype}")
     return next((name for tile, _, name in fits if tile >= m), fits[-1][2])

@@ -152,10 +152,10 @@ def test_scales_kernel_under_the_triton_interpreter():
 
 def test_every_configuration_has_its_source_and_python_entry():
     api = (w4_ops.CUDA_DIR / "w4_gemm_api.h").read_text()
-    rows = re.findall(r"^\s*X\((\w+), (\d), (\d+), (\d)\)", api, re.MULTILINE)
+    rows = re.findall(r"^\s*X\((\w+), (\d), (\d+), (\d), (\d+)\)", api, re.MULTILINE)
     assert rows and sorted(name for name, *_ in rows) == sorted(
         s.stem.removeprefix("w4_gemm_") for s in w4_ops.SOURCES if s.suffix == ".cu")
-    assert w4_ops.CONFIGS == {name: (int(d), int(t), sk == "1") for name, d, t, sk in rows}
+    assert w4_ops.CONFIGS == {name: (int(d), int(t), sk == "1", int(k)) for name, d, t, sk, k in rows}
 
 
 # ------------------------------------------------------------------ GPU (Hopper)
@@ -188,8 +188,8 @@ def test_gpu_matches_reference(n, k, group_size, sym, act_order, dtype, m):
 @pytest.mark.gpu
 @hopper
 def test_gpu_every_configuration_matches_reference():
-    assert {name: (d, t, sk) for name, d, t, sk in w4_ops._build().w4_configs()} == w4_ops.CONFIGS
-    for name, (dtype_id, _, _) in w4_ops.configs().items():
+    assert {name: (d, t, sk, k) for name, d, t, sk, k in w4_ops._build().w4_configs()} == w4_ops.CONFIGS
+    for name, (dtype_id, _, _, _) in w4_ops.configs().items():
         dtype = torch.bfloat16 if dtype_id else torch.float16
         layer = make_layer(384, 1024, 4, 128, sym=False, device="cuda")
         p = prepare(*layer, 4, dtype)

@@ -14,13 +14,13 @@
 namespace {
 struct Config {
   const char* name;
-  int dtype, tile_n, stream_k;
+  int dtype, tile_n, stream_k, tile_k;
   cudaError_t (*run)(const GptqLabW4Args*, cudaStream_t);
   size_t (*workspace)(int, int, int, int);
 };
 
-#define GPTQ_LAB_W4_ROW(name, dtype, tile_n, stream_k) \
-  {#name, dtype, tile_n, stream_k, gptq_lab_w4_##name, gptq_lab_w4_##name##_workspace},
+#define GPTQ_LAB_W4_ROW(name, dtype, tile_n, stream_k, tile_k) \
+  {#name, dtype, tile_n, stream_k, tile_k, gptq_lab_w4_##name, gptq_lab_w4_##name##_workspace},
 const Config kConfigs[] = {GPTQ_LAB_W4_CONFIGS(GPTQ_LAB_W4_ROW)};
 
 const Config& find(const std::string& name) {
@@ -34,16 +34,16 @@ void check_aligned(const torch::Tensor& t, const char* what) {
 }
 }  // namespace
 
-// (name, dtype 0 fp16 / 1 bf16, batch rows per tile, stream-K) of every build.
-std::vector<std::tuple<std::string, int64_t, int64_t, bool>> w4_configs() {
-  std::vector<std::tuple<std::string, int64_t, int64_t, bool>> out;
-  for (const Config& c : kConfigs) out.emplace_back(c.name, c.dtype, c.tile_n, c.stream_k != 0);
+// (name, dtype 0 fp16 / 1 bf16, batch rows per tile, stream-K, inputs per k-block) of every build.
+std::vector<std::tuple<std::string, int64_t, int64_t, bool, int64_t>> w4_configs() {
+  std::vector<std::tuple<std::string, int64_t, int64_t, bool, int64_t>> out;
+  for (const Config& c : kConfigs) out.emplace_back(c.name, c.dtype, c.tile_n, c.stream_k != 0, c.tile_k);
   return out;
 }
 
 // x [M, K] fp16/bf16 contiguous (the GEMM's column order); qweight: the CUDA decode layout,
 // int32 [K/64, N/16, 32, 4]; scales and zeros [K/g, N] in x's dtype -> y [M, N] in x's dtype.
-// K a multiple of 64, N of 16, g of 64 or g == K.
+// K a multiple of the configuration's k-block (64 or 128), N of 16, g of it or g == K.
 torch::Tensor w4_gemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                       torch::Tensor zeros, int64_t group_size, const std::string& config) {
   const Config& c = find(config);
@@ -52,9 +52,11 @@ torch::Tensor w4_gemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scal
   TORCH_CHECK(x.scalar_type() == dtype, "configuration ", c.name, " takes ", dtype, " activations, got ",
               x.scalar_type());
   const int64_t m = x.size(0), k = x.size(1), n = scales.size(1);
-  TORCH_CHECK(k % 64 == 0 && n % 16 == 0, "K (", k, ") must be a multiple of 64 and N (", n, ") of 16");
-  TORCH_CHECK(group_size == k || (group_size > 0 && group_size % 64 == 0 && k % group_size == 0),
-              "group_size (", group_size, ") must be K (", k, ") or a multiple of 64 dividing it");
+  TORCH_CHECK(k % c.tile_k == 0 && n % 16 == 0, "K (", k, ") must be a multiple of ", c.tile_k,
+              " and N (", n, ") of 16 for configuration ", c.name);
+  TORCH_CHECK(group_size == k || (group_size > 0 && group_size % c.tile_k == 0 && k % group_size == 0),
+              "group_size (", group_size, ") must be K (", k, ") or a multiple of ", c.tile_k,
+              " dividing it for configuration ", c.name);
   TORCH_CHECK(qweight.is_cuda() && qweight.is_contiguous() && qweight.scalar_type() == at::kInt &&
                   qweight.numel() == n * k / 8,
               "qweight must be the contiguous int32 decode layout of N=", n, ", K=", k);

@@ -51,11 +51,11 @@ using LayoutW = decltype(tile_to_shape(DecodeAtom{}, Layout<Shape<int, int, int>
 
 // Codes are unsigned (0..15) with per-group scales and zeros (w = scale * code + zeros);
 // TileN: the batch rows per tile; StreamK: split K across CTAs when the tiles are fewer than
-// the SMs.
-template <class Mma, int TileN, bool StreamK>
+// the SMs; TileK: inputs per k-block (the group size must be a multiple of it, or K).
+template <class Mma, int TileN, bool StreamK, int TileK = 64>
 struct Gemm {
   using Quant = cutlass::uint4b_t;
-  using TileShape = Shape<_128, Int<TileN>, _64>;
+  using TileShape = Shape<_128, Int<TileN>, Int<TileK>>;
   using ClusterShape = Shape<_1, _1, _1>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
@@ -110,8 +110,8 @@ struct Gemm {
 }  // namespace gptq_lab_w4
 
 // Defines the C entry points of one configuration (see w4_gemm_api.h).
-#define GPTQ_LAB_W4_DEFINE(name, Mma, tile_n, stream_k)                                     \
-  using Gemm_##name = gptq_lab_w4::Gemm<Mma, tile_n, stream_k>;                             \
+#define GPTQ_LAB_W4_DEFINE(name, Mma, tile_n, stream_k, tile_k)                             \
+  using Gemm_##name = gptq_lab_w4::Gemm<Mma, tile_n, stream_k, tile_k>;                     \
   extern "C" cudaError_t gptq_lab_w4_##name(const GptqLabW4Args* a, cudaStream_t s) {            \
     return Gemm_##name::run(a->x, a->w, a->scales, a->zeros, a->y, a->M, a->N, a->K,              \
                             a->group_size, a->workspace, s);                                       \

@@ -1,3 +1,3 @@
 // One configuration of the W4A16 GEMM (w4_gemm.cuh, w4_gemm_api.h).
 #include "w4_gemm.cuh"
-GPTQ_LAB_W4_DEFINE(f16_128_sk, cutlass::half_t, 128, true)
+GPTQ_LAB_W4_DEFINE(f16_128_sk, cutlass::half_t, 128, true, 64)
