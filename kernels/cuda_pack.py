@@ -26,6 +26,7 @@ from .triton_pack import _kernel_order, _round_up, kernel_order_codes
 CHUNK = 64                      # input rows per weight word group; K' is padded to it
 TILE = 16                       # output features per tile; N is padded to it
 MAGIC = {torch.float16: 1024.0, torch.bfloat16: 128.0}   # MAGIC + code is exact in the dtype
+ROW_G8_FACTOR = {torch.float16: 16.0, torch.bfloat16: 1.0}   # on rows g + 8's zero points (below)
 
 
 class PreparedCUDA(NamedTuple):
@@ -65,7 +66,7 @@ def _chunk_order(device: torch.device | str | None = None) -> torch.Tensor:
 
 def _row_factor(dtype: torch.dtype) -> torch.Tensor:
     """[2]: the factor the kernel's dequantization puts on rows g and g + 8."""
-    return torch.tensor([1.0, 16.0 if dtype == torch.float16 else 1.0])
+    return torch.tensor([1.0, ROW_G8_FACTOR[dtype]])
 
 
 def _bits_reason(bits: int) -> str:
@@ -185,8 +186,7 @@ def scales_and_zeros(p: PreparedCUDA) -> tuple[torch.Tensor, torch.Tensor]:
     [G, N'] tensors (exact). Device ops only (no host copy), so it runs per call and under
     CUDA graph capture."""
     zero_records = p.meta[..., :1].contiguous().view(p.dtype).float() - MAGIC[p.dtype]  # z * f
-    rows_g8 = 16.0 if p.dtype == torch.float16 else 1.0                    # _row_factor's [1, f]
-    zeros = torch.stack((zero_records[..., 0], zero_records[..., 1] / rows_g8), dim=-1)
+    zeros = torch.stack((zero_records[..., 0], zero_records[..., 1] / ROW_G8_FACTOR[p.dtype]), dim=-1)
     scales = _unpairs(p.meta[..., 1:].contiguous().view(torch.float16).float())
     return scales, _unpairs(zeros)
 

@@ -117,11 +117,6 @@ CONFIGS = {"f16_64_sk": (0, 64, True, 64), "f16_128_sk": (0, 128, True, 64),
            "f16_128_k128": (0, 128, False, 128)}   # not chosen yet: never timed (kernels_notes)
 
 
-def configs() -> dict[str, tuple[int, int, bool, int]]:
-    """name -> (dtype 0 fp16 / 1 bf16, batch rows per tile, stream-K, inputs per k-block)."""
-    return CONFIGS
-
-
 def choose(m: int, dtype: torch.dtype) -> str:
     """The configuration for M rows: the smallest tile that holds them (stream-K first), else
     the largest tile; k-blocks of 64 (they take every group size)."""

@@ -33,8 +33,8 @@ from .cuda_pack import (
 
 def gemm_columns(p: PreparedCUDA) -> torch.Tensor:
     """int64 [K'64]: the input column each GEMM column reads (``p.in_features``: a zero
-    column, for act-order's padded groups and the padding of K to 64). Made with device ops only
-    (no host copy: no stream sync per call, safe under CUDA graph capture)."""
+    column, for act-order's padded groups and the padding of K to 64): the order ``gemm_input``
+    produces, for tests."""
     kp = _round_up(p.k_rows, CHUNK)
     dev = p.meta.device
     source = p.perm if p.perm is not None else torch.arange(p.k_rows, device=dev)

@@ -5,7 +5,7 @@ about 40-75 us per call on an H100, a third of the GEMM at 64 rows), for a few m
     scales, zeros = gemm_scales(p.meta, p.dtype)     # each [G, N'] in p.dtype, contiguous
 
 Each int32 ``meta`` record of (group, tile, g) holds two values of rows g and g + 8 of the tile:
-the zero-point word (two dtype values MAGIC + z, z * 16 for row g + 8 under fp16) and the scale
+the zero-point word (two dtype values MAGIC + z, z * ROW_G8_FACTOR for row g + 8) and the scale
 word (two fp16), low half first. The GEMM takes scale and -scale * z in the activation dtype.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cuda_pack import MAGIC
+from .cuda_pack import MAGIC, ROW_G8_FACTOR
 
 BLOCK = 1024       # records per program
 
@@ -29,8 +29,8 @@ def _round_bf16(v):
 
 
 @triton.jit
-def _scales_kernel(meta_ptr, scales_ptr, zeros_ptr, records, magic, BF16: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def _scales_kernel(meta_ptr, scales_ptr, zeros_ptr, records, magic, g8_factor,
+                   BF16: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)                  # record (g, tile, row)
     live = i < records
     zw = tl.load(meta_ptr + 2 * i, mask=live, other=0)
@@ -40,8 +40,8 @@ def _scales_kernel(meta_ptr, scales_ptr, zeros_ptr, records, magic, BF16: tl.con
     for half in tl.static_range(2):                                      # rows g, then g + 8
         s = ((sw >> (16 * half)) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         z = ((zw >> (16 * half)) & 0xFFFF).to(tl.int16).to(dtype, bitcast=True).to(tl.float32) - magic
-        if half == 1 and not BF16:
-            z = z / 16.0                                                 # _row_factor
+        if half == 1:
+            z = z / g8_factor                                            # ROW_G8_FACTOR
         if BF16:                                       # constexpr: one branch is compiled
             s_out, z_out = _round_bf16(s), _round_bf16(-s * z)
         else:
@@ -58,5 +58,6 @@ def gemm_scales(meta: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, t
     zeros = torch.empty_like(scales)
     records = g_count * nt * 8
     _scales_kernel[(triton.cdiv(records, BLOCK),)](
-        meta, scales, zeros, records, MAGIC[dtype], BF16=dtype == torch.bfloat16, BLOCK=BLOCK)
+        meta, scales, zeros, records, MAGIC[dtype], ROW_G8_FACTOR[dtype], BF16=dtype == torch.bfloat16,
+        BLOCK=BLOCK)
     return scales, zeros

@@ -135,7 +135,8 @@ def test_scales_kernel_compiles_for_sm90(dtype):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     signature = {"meta_ptr": "*i32", "scales_ptr": f"*{dtype}", "zeros_ptr": f"*{dtype}",
-                 "records": "i32", "magic": "fp32", "BF16": "constexpr", "BLOCK": "constexpr"}
+                 "records": "i32", "magic": "fp32", "g8_factor": "fp32", "BF16": "constexpr",
+                 "BLOCK": "constexpr"}
     constexprs = {"BF16": dtype == "bf16", "BLOCK": BLOCK}
     kernel = triton.compile(ASTSource(_scales_kernel, signature, constexprs=constexprs),
                             target=GPUTarget("cuda", 90, 128))
@@ -189,7 +190,7 @@ def test_gpu_matches_reference(n, k, group_size, sym, act_order, dtype, m):
 @hopper
 def test_gpu_every_configuration_matches_reference():
     assert {name: (d, t, sk, k) for name, d, t, sk, k in w4_ops._build().w4_configs()} == w4_ops.CONFIGS
-    for name, (dtype_id, _, _, _) in w4_ops.configs().items():
+    for name, (dtype_id, _, _, _) in w4_ops.CONFIGS.items():
         dtype = torch.bfloat16 if dtype_id else torch.float16
         layer = make_layer(384, 1024, 4, 128, sym=False, device="cuda")
         p = prepare(*layer, 4, dtype)
