@@ -114,15 +114,18 @@ def runs(p: PreparedCUDA) -> bool:
 CONFIGS = {"f16_64_sk": (0, 64, True, 64), "f16_128_sk": (0, 128, True, 64),
            "f16_128": (0, 128, False, 64), "f16_256": (0, 256, False, 64),
            "bf16_128_sk": (1, 128, True, 64), "bf16_256": (1, 256, False, 64),
-           "f16_128_k128": (0, 128, False, 128)}   # not chosen yet: never timed (kernels_notes)
+           "f16_128_k128": (0, 128, False, 128), "f16_256_c2": (0, 256, False, 64)}
+# built and timed by benchmarks/w4_gemm.py, never chosen until they win there: k-blocks of 128;
+# clusters of two CTAs sharing each x tile (kernels_notes, twelfth and thirteenth sessions)
+TRIAL = frozenset({"f16_128_k128", "f16_256_c2"})
 
 
 def choose(m: int, dtype: torch.dtype) -> str:
     """The configuration for M rows: the smallest tile that holds them (stream-K first), else
-    the largest tile; k-blocks of 64 (they take every group size)."""
+    the largest tile; none of ``TRIAL`` (all the others take k-blocks of 64: every group size)."""
     want = 1 if dtype == torch.bfloat16 else 0
     fits = sorted((tile, not sk, name) for name, (d, tile, sk, k) in CONFIGS.items()
-                  if d == want and k == 64)
+                  if d == want and name not in TRIAL)
     if not fits:
         raise ValueError(f"no W4 GEMM is built for {dtype}")
     return next((name for tile, _, name in fits if tile >= m), fits[-1][2])

@@ -159,6 +159,19 @@ def test_every_configuration_has_its_source_and_python_entry():
     assert w4_ops.CONFIGS == {name: (int(d), int(t), sk == "1", int(k)) for name, d, t, sk, k in rows}
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_choose_takes_the_smallest_tile_that_holds_m_and_no_trial_configuration(dtype):
+    want = 1 if dtype == torch.bfloat16 else 0
+    for m in (1, 64, 65, 128, 129, 256, 257, 2048):
+        name = w4_ops.choose(m, dtype)
+        d, tile, _, k = w4_ops.CONFIGS[name]
+        assert d == want and name not in w4_ops.TRIAL and k == 64
+        tiles = [t for n, (dd, t, _, _) in w4_ops.CONFIGS.items() if dd == want and n not in w4_ops.TRIAL]
+        assert tile == min((t for t in tiles if t >= m), default=max(tiles)), (m, name)
+    assert w4_ops.choose(64, torch.float16) == "f16_64_sk"
+    assert w4_ops.choose(2048, torch.float16) == "f16_256"
+
+
 # ------------------------------------------------------------------ GPU (Hopper)
 
 hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),

@@ -51,12 +51,13 @@ using LayoutW = decltype(tile_to_shape(DecodeAtom{}, Layout<Shape<int, int, int>
 
 // Codes are unsigned (0..15) with per-group scales and zeros (w = scale * code + zeros);
 // TileN: the batch rows per tile; StreamK: split K across CTAs when the tiles are fewer than
-// the SMs; TileK: inputs per k-block (the group size must be a multiple of it, or K).
-template <class Mma, int TileN, bool StreamK, int TileK = 64>
+// the SMs; TileK: inputs per k-block (the group size must be a multiple of it, or K);
+// ClusterM: CTAs per cluster along the weights' N, which share each x tile (TMA multicast).
+template <class Mma, int TileN, bool StreamK, int TileK = 64, int ClusterM = 1>
 struct Gemm {
   using Quant = cutlass::uint4b_t;
   using TileShape = Shape<_128, Int<TileN>, Int<TileK>>;
-  using ClusterShape = Shape<_1, _1, _1>;
+  using ClusterShape = Shape<Int<ClusterM>, _1, _1>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float,
@@ -110,8 +111,8 @@ struct Gemm {
 }  // namespace gptq_lab_w4
 
 // Defines the C entry points of one configuration (see w4_gemm_api.h).
-#define GPTQ_LAB_W4_DEFINE(name, Mma, tile_n, stream_k, tile_k)                             \
-  using Gemm_##name = gptq_lab_w4::Gemm<Mma, tile_n, stream_k, tile_k>;                     \
+#define GPTQ_LAB_W4_DEFINE(name, Mma, tile_n, stream_k, tile_k, ...)                        \
+  using Gemm_##name = gptq_lab_w4::Gemm<Mma, tile_n, stream_k, tile_k, ##__VA_ARGS__>;      \
   extern "C" cudaError_t gptq_lab_w4_##name(const GptqLabW4Args* a, cudaStream_t s) {            \
     return Gemm_##name::run(a->x, a->w, a->scales, a->zeros, a->y, a->M, a->N, a->K,              \
                             a->group_size, a->workspace, s);                                       \
