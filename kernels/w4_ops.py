@@ -114,10 +114,11 @@ def runs(p: PreparedCUDA) -> bool:
 CONFIGS = {"f16_64_sk": (0, 64, True, 64), "f16_128_sk": (0, 128, True, 64),
            "f16_128": (0, 128, False, 64), "f16_256": (0, 256, False, 64),
            "bf16_128_sk": (1, 128, True, 64), "bf16_256": (1, 256, False, 64),
-           "f16_128_k128": (0, 128, False, 128), "f16_256_c2": (0, 256, False, 64)}
+           "f16_128_k128": (0, 128, False, 128), "f16_256_c2": (0, 256, False, 64),
+           "f16_256_sk": (0, 256, True, 64)}
 # built and timed by benchmarks/w4_gemm.py, never chosen until they win there: k-blocks of 128;
-# clusters of two CTAs sharing each x tile (kernels_notes, twelfth and thirteenth sessions)
-TRIAL = frozenset({"f16_128_k128", "f16_256_c2"})
+# clusters of two CTAs sharing each x tile; stream-K over 256-row tiles (kernels_notes.md)
+TRIAL = frozenset({"f16_128_k128", "f16_256_c2", "f16_256_sk"})
 
 
 def choose(m: int, dtype: torch.dtype) -> str:

@@ -24,7 +24,8 @@ struct GptqLabW4Args {
   X(bf16_128_sk, 1, 128, 1, 64)   \
   X(bf16_256, 1, 256, 0, 64)      \
   X(f16_128_k128, 0, 128, 0, 128) \
-  X(f16_256_c2, 0, 256, 0, 64)
+  X(f16_256_c2, 0, 256, 0, 64)    \
+  X(f16_256_sk, 0, 256, 1, 64)
 
 #define GPTQ_LAB_W4_DECLARE(name, dtype, tile_n, stream_k, tile_k)                      \
   extern "C" cudaError_t gptq_lab_w4_##name(const GptqLabW4Args* a, cudaStream_t s);  \
