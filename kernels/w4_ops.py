@@ -117,19 +117,23 @@ CONFIGS = {"f16_64_sk": (0, 64, True, 64), "f16_128_sk": (0, 128, True, 64),
            "f16_128_k128": (0, 128, False, 128), "f16_256_c2": (0, 256, False, 64),
            "f16_256_sk": (0, 256, True, 64)}
 # built and timed by benchmarks/w4_gemm.py, never chosen until they win there: k-blocks of 128;
-# clusters of two CTAs sharing each x tile; stream-K over 256-row tiles (kernels_notes.md)
-TRIAL = frozenset({"f16_128_k128", "f16_256_c2", "f16_256_sk"})
+# stream-K over 256-row tiles (kernels_notes.md, twelfth and thirteenth sessions)
+TRIAL = frozenset({"f16_128_k128", "f16_256_sk"})
+# above 256 rows: H100, 2026-12-07, one 7B block at M = 2048 (results/w4_gemm_prefill_thirteenth_
+# h100.txt): f16_256_c2 (clusters of two sharing each x tile) beat f16_256 on all four products,
+# 1.355 against 1.437 ms; bf16 has no cluster configuration yet
+LARGE_M = {torch.float16: "f16_256_c2", torch.bfloat16: "bf16_256"}
 
 
 def choose(m: int, dtype: torch.dtype) -> str:
     """The configuration for M rows: the smallest tile that holds them (stream-K first), else
-    the largest tile; none of ``TRIAL`` (all the others take k-blocks of 64: every group size)."""
+    ``LARGE_M``; none of ``TRIAL`` (all the others take k-blocks of 64: every group size)."""
+    if dtype not in LARGE_M:
+        raise ValueError(f"no W4 GEMM is built for {dtype}")
     want = 1 if dtype == torch.bfloat16 else 0
     fits = sorted((tile, not sk, name) for name, (d, tile, sk, k) in CONFIGS.items()
-                  if d == want and name not in TRIAL)
-    if not fits:
-        raise ValueError(f"no W4 GEMM is built for {dtype}")
-    return next((name for tile, _, name in fits if tile >= m), fits[-1][2])
+                  if d == want and name not in TRIAL and name != LARGE_M[dtype])
+    return next((name for tile, _, name in fits if tile >= m), LARGE_M[dtype])
 
 
 def _w4_mm(x: torch.Tensor, qweight: torch.Tensor, meta: torch.Tensor, group_size: int,

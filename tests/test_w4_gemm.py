@@ -160,16 +160,20 @@ def test_every_configuration_has_its_source_and_python_entry():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_choose_takes_the_smallest_tile_that_holds_m_and_no_trial_configuration(dtype):
+def test_choose_takes_the_smallest_tile_that_holds_m_then_the_large_m_configuration(dtype):
     want = 1 if dtype == torch.bfloat16 else 0
+    large = w4_ops.LARGE_M[dtype]
+    assert w4_ops.CONFIGS[large][0] == want and large not in w4_ops.TRIAL
+    tiles = [t for n, (d, t, _, _) in w4_ops.CONFIGS.items() if d == want and n not in w4_ops.TRIAL]
     for m in (1, 64, 65, 128, 129, 256, 257, 2048):
         name = w4_ops.choose(m, dtype)
         d, tile, _, k = w4_ops.CONFIGS[name]
         assert d == want and name not in w4_ops.TRIAL and k == 64
-        tiles = [t for n, (dd, t, _, _) in w4_ops.CONFIGS.items() if dd == want and n not in w4_ops.TRIAL]
-        assert tile == min((t for t in tiles if t >= m), default=max(tiles)), (m, name)
-    assert w4_ops.choose(64, torch.float16) == "f16_64_sk"
-    assert w4_ops.choose(2048, torch.float16) == "f16_256"
+        assert tile == min(t for t in tiles if t >= m) if m <= max(tiles) else name == large, (m, name)
+    assert [w4_ops.choose(m, torch.float16) for m in (64, 128, 256, 2048)] == [
+        "f16_64_sk", "f16_128_sk", "f16_256", "f16_256_c2"]
+    with pytest.raises(ValueError):
+        w4_ops.choose(64, torch.float32)
 
 
 # ------------------------------------------------------------------ GPU (Hopper)
