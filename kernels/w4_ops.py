@@ -114,11 +114,10 @@ def runs(p: PreparedCUDA) -> bool:
 CONFIGS = {"f16_64_sk": (0, 64, True, 64), "f16_128_sk": (0, 128, True, 64),
            "f16_128": (0, 128, False, 64), "f16_256": (0, 256, False, 64),
            "bf16_128_sk": (1, 128, True, 64), "bf16_256": (1, 256, False, 64),
-           "f16_128_k128": (0, 128, False, 128), "f16_256_c2": (0, 256, False, 64),
-           "f16_256_sk": (0, 256, True, 64)}
-# built and timed by benchmarks/w4_gemm.py, never chosen until they win there: k-blocks of 128;
-# stream-K over 256-row tiles (kernels_notes.md, twelfth and thirteenth sessions)
-TRIAL = frozenset({"f16_128_k128", "f16_256_sk"})
+           "f16_256_c2": (0, 256, False, 64), "f16_256_sk": (0, 256, True, 64)}
+# built and timed by benchmarks/w4_gemm.py, never chosen until they win there: stream-K over
+# 256-row tiles (kernels_notes.md, thirteenth session; k-blocks of 128 lost on every product)
+TRIAL = frozenset({"f16_256_sk"})
 # above 256 rows: H100, 2026-12-07, one 7B block at M = 2048 (results/w4_gemm_prefill_thirteenth_
 # h100.txt): f16_256_c2 (clusters of two sharing each x tile) beat f16_256 on all four products,
 # 1.355 against 1.437 ms; bf16 has no cluster configuration yet

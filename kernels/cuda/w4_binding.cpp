@@ -43,7 +43,7 @@ std::vector<std::tuple<std::string, int64_t, int64_t, bool, int64_t>> w4_configs
 
 // x [M, K] fp16/bf16 contiguous (the GEMM's column order); qweight: the CUDA decode layout,
 // int32 [K/64, N/16, 32, 4]; scales and zeros [K/g, N] in x's dtype -> y [M, N] in x's dtype.
-// K a multiple of the configuration's k-block (64 or 128), N of 16, g of it or g == K.
+// K a multiple of the configuration's k-block, N of 16, g of it or g == K.
 torch::Tensor w4_gemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                       torch::Tensor zeros, int64_t group_size, const std::string& config) {
   const Config& c = find(config);
