@@ -3,6 +3,7 @@ Hopper GPU: the large-batch rows of issue #6 and the prefill products of issue #
 
     python benchmarks/w4_gemm.py                                   # table, every built config
     python benchmarks/w4_gemm.py --shapes 8192x8192 --batches 64,256 --out w4.txt
+    python benchmarks/w4_gemm.py --profile 11008x4096x2048          # the kernels of one call
 
 Per (shape, M): fp16 ``torch.matmul``; Triton's fused kernel (what ``QuantLinear`` runs up to
 ``dequant_above`` rows); from the CUDA layout, the decode kernel (up to ``cuda_ops.MAX_SLAB_M``
@@ -87,6 +88,25 @@ def bench_shape(label: str, k: int, n: int, batches) -> list[dict]:
     return rows
 
 
+def profile(k: int, n: int, m: int) -> None:
+    """The GPU kernels of one eager ``w4_mm`` call (K x N layer, M rows), by torch.profiler: what
+    the whole call spends beside the GEMM (the permuting copy of x, the scales kernel)."""
+    from gptq_lab.kernels import w4_ops
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    c = layers(k, n, 1)[0]["cuda"]
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    for _ in range(3):                      # builds, tunes and warms up outside the trace
+        w4_ops.w4_mm(x, c)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            w4_ops.w4_mm(x, c)
+        torch.cuda.synchronize()
+    print(f"w4_mm, K={k} N={n} M={m}, config {w4_ops.choose(m, x.dtype)}; 10 calls")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+
+
 def line(r: dict) -> str:
     cells = [f"{r['shape']:>10} M={r['M']:<5} fp16 {r['fp16_us']:8.1f} us"]
     for name, v in r.items():
@@ -102,10 +122,14 @@ def main() -> None:
     ap.add_argument("--batches", default="16,64,128,256,512")
     ap.add_argument("--prefill-m", type=int, default=2048, help="M of the 7B block rows (0: none)")
     ap.add_argument("--out", help="also write the rows here as JSON")
+    ap.add_argument("--profile", metavar="KxNxM", help="only list the kernels of one eager call")
     args = ap.parse_args()
     from gptq_lab.kernels import w4_ops
     if w4_ops.unavailable():
         raise SystemExit(f"the W4 GEMM cannot run here: {w4_ops.unavailable()}")
+    if args.profile:
+        profile(*map(int, args.profile.split("x")))
+        return
     print(torch.cuda.get_device_name(), "| configs:", ", ".join(w4_ops.CONFIGS), flush=True)
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
