@@ -21,7 +21,7 @@ import torch
 from gptq_lab import QuantConfig, data, quantize_model, study
 from gptq_lab.arch import block_linears, family_of, get_blocks, set_weight_matrix, weight_matrix
 from gptq_lab.eval import perplexity
-from gptq_lab.hessians import collect_hessians, output_error
+from gptq_lab.hessians import collect_hessians, constant_shift, output_error
 from gptq_lab.protocol import PROTOCOLS, protocol_windows
 
 
@@ -33,26 +33,6 @@ def linears(model) -> dict:
 
 def weights(model) -> dict[str, torch.Tensor]:
     return {n: weight_matrix(m).detach().float().clone() for n, m in linears(model).items()}
-
-
-def input_mean(model, name: str, ids: torch.Tensor) -> torch.Tensor:
-    """The mean over tokens of layer ``name``'s input on ``ids`` (float model)."""
-    total, rows = None, 0
-
-    def hook(_, args):
-        nonlocal total, rows
-        x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-        total = x.sum(0) if total is None else total + x.sum(0)
-        rows += x.shape[0]
-
-    handle = linears(model)[name].register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            for row in ids:
-                model(row[None], use_cache=False)
-    finally:
-        handle.remove()
-    return total / rows
 
 
 def main() -> None:
@@ -70,7 +50,9 @@ def main() -> None:
           f"novel tokens); layer errors on {args.windows} windows per domain", flush=True)
 
     fp = weights(model)
-    hessians = {d: collect_hessians(model, ids, compute_dtype=torch.float32) for d, ids in domains.items()}
+    means = {d: {} for d in domains}
+    hessians = {d: collect_hessians(model, ids, compute_dtype=torch.float32, means=means[d])
+                for d, ids in domains.items()}
     ppl = {"FP": {s: perplexity(model, w) for s, w in evals.items()}}
     config = QuantConfig(bits=4, group_size=128)
     quantize_model(model, method="rtn", config=config, progress=False)
@@ -94,16 +76,12 @@ def main() -> None:
               f"{err(gptq, n, 'python'):>14.4g}{err(rtn, n, 'python'):>12.4g}")
 
     name = worst[0]
-    fp_model = data.load_model("demo")[0]
-    print(f"\n{name}: constant-shift part ||dW mean(x)||^2 of E||dW x||^2")
-    for d, ids in domains.items():
-        mu = input_mean(fp_model, name, ids)
+    print(f"\n{name}: constant-shift part ||dW mean(x)||^2 of E||dW x||^2 (hessians.constant_shift)")
+    for d in domains:
         line = f"  {d:<8}"
         for label, q in (("RTN", rtn), ("GPTQ", gptq)):
-            shift = float(((fp[name] - q[name]) @ mu).pow(2).sum())
-            line += f"  {label} {shift:10.4g} of {err(q, name, d):10.4g}"
+            line += f"  {label} {constant_shift(fp[name], q[name], means[d][name]):10.4g} of {err(q, name, d):10.4g}"
         print(line)
-    del fp_model
 
     set_weight_matrix(linears(model)[name], rtn[name])
     ppl[f"GPTQ, RTN for {name}"] = {s: perplexity(model, w) for s, w in evals.items()}

@@ -81,12 +81,14 @@ def estimate_memory(model: nn.Module, n_samples: int, seqlen: int,
 def collect_hessians(model: nn.Module, ids: torch.Tensor, names: list[str] | None = None,
                      batch_size: int | None = None, device: str | torch.device | None = None,
                      compute_dtype: torch.dtype | None = None, progress: Progress | None = None,
-                     absmax: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                     absmax: dict[str, torch.Tensor] | None = None,
+                     means: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Hessians H = 2/n X^T X of the float model's linears: {full_name: [K, K] float32 on CPU}.
 
     ids: int64 [n_samples, seqlen]. names: the full linear names to keep (default: all).
     progress(done, total, message) is called after each block. ``absmax``, if given, is
-    filled with {full_name: [K] float32}, the largest |input| seen per input channel.
+    filled with {full_name: [K] float32}, the largest |input| seen per input channel;
+    ``means`` with the mean input per channel (for ``constant_shift``).
     """
     check_model(model)
     family = family_of(model)
@@ -106,7 +108,7 @@ def collect_hessians(model: nn.Module, ids: torch.Tensor, names: list[str] | Non
         groups = [g for g in family.sequential if any(f"{prefix}.{n}" in wanted for n in g)]
         work = copy.deepcopy(block).to(device=device, dtype=dtype)
         inputs = [(h.to(dtype), {k: _to(v, device, dtype) for k, v in kw.items()}) for h, kw in inputs]
-        accs, maxes = _block_hessians(work, family, groups, inputs)
+        accs, maxes, sums = _block_hessians(work, family, groups, inputs)
         del work
         for g in groups:
             h = accs[g[0]].hessian().cpu()
@@ -115,18 +117,21 @@ def collect_hessians(model: nn.Module, ids: torch.Tensor, names: list[str] | Non
                     out[f"{prefix}.{n}"] = h
                     if absmax is not None:
                         absmax[f"{prefix}.{n}"] = maxes[g[0]].cpu()
+                    if means is not None:
+                        means[f"{prefix}.{n}"] = (sums[g[0]] / accs[g[0]].n_rows).cpu()
         if progress:
             progress(i + 1, last + 1, f"block {i}")
     return out
 
 
 def _block_hessians(work, family, groups, inputs):
-    """One float pass of the block over every batch; returns (accumulators, |x| maxima) by the
-    first name of each group. ``inputs`` is replaced in place by the block's outputs."""
+    """One float pass of the block over every batch; returns (accumulators, |x| maxima, x sums)
+    by the first name of each group. ``inputs`` is replaced in place by the block's outputs."""
     linears = block_linears(work, family)
     accs = {g[0]: HessianAccumulator(in_out_features(linears[g[0]])[0], inputs[0][0].device)
             for g in groups}
     maxes = {n: torch.zeros(acc.hessian_sum.shape[0], device=inputs[0][0].device) for n, acc in accs.items()}
+    sums = {n: torch.zeros_like(m) for n, m in maxes.items()}
 
     def make_hook(name):
         def hook(_mod, args):
@@ -134,12 +139,13 @@ def _block_hessians(work, family, groups, inputs):
             accs[name].add(x)
             seen = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()     # [K]
             maxes[name] = torch.maximum(maxes[name], seen)
+            sums[name] += x.detach().reshape(-1, x.shape[-1]).float().sum(0)
         return hook
 
     with scoped_hooks(lambda: [linears[n].register_forward_pre_hook(make_hook(n)) for n in accs]):
         for j, (hidden, kwargs) in enumerate(inputs):
             inputs[j] = (_run_block(work, hidden, kwargs), kwargs)
-    return accs, maxes
+    return accs, maxes, sums
 
 
 # ---------------------------------------------------------------------------- layer errors
@@ -153,6 +159,17 @@ def output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch
     """
     dw = weight.float() - dequantized.float()                   # [N, K]
     return 0.5 * (dw * (dw @ hessian.float())).sum(0)          # [K]
+
+
+def constant_shift(weight: torch.Tensor, dequantized: torch.Tensor, mean: torch.Tensor) -> float:
+    """||dW mean(x)||^2: the part of the output error E||dW x||^2 (``output_error``'s total) that
+    the mean input alone causes, a constant shift of the layer's output. The rest,
+    E||dW (x - mean)||^2, is what varies with the input. GPTQ can make the shift cancel at the
+    calibration data's mean (errors sent through a large, nearly constant input channel); a
+    large share on other data means the result depends on the calibration domain
+    (benchmarks/domain_shift.py)."""
+    dw = weight.float() - dequantized.float()
+    return float((dw @ mean.float()).pow(2).sum())
 
 
 # ---------------------------------------------------------------------------- cached layer

@@ -56,6 +56,7 @@ def test_collect_estimates_memory_caches_to_disk(tmp_path):
     assert set(hs2) == set(hs) and all(torch.equal(hs[n], hs2[n]) for n in hs)
     assert hs2["model.layers.0.self_attn.q_proj"] is hs2["model.layers.0.self_attn.v_proj"]
     assert set(c2.absmax) == set(hs) and "14 layers" in repr(c2)
+    assert set(c2.means) == set(hs) and all(torch.equal(c.means[n], c2.means[n]) for n in hs)
 
 
 def test_interrupted_collect_leaves_no_hooks_and_model_usable():

@@ -7,7 +7,7 @@ pytest.importorskip("plotly")
 from test_lab_common import CONFIG, calibrator, no_hooks, tiny_llama
 
 from gptq_lab import QuantConfig, solve
-from gptq_lab.hessians import CachedLayer, collect_hessians, output_error
+from gptq_lab.hessians import CachedLayer, collect_hessians, constant_shift, output_error
 from gptq_lab.lab import LayerInspector
 
 DOWN = "model.layers.1.mlp.down_proj"
@@ -46,6 +46,33 @@ def test_output_error_sums_to_trace():
     torch.testing.assert_close(e.sum(), ((x @ (w - dq).T) ** 2).sum(1).mean(), rtol=1e-4, atol=1e-4)
 
 
+def test_constant_shift_is_the_mean_inputs_part_of_the_output_error():
+    torch.manual_seed(0)
+    w, dq = torch.randn(8, 16), torch.randn(8, 16)
+    x = torch.randn(200, 16) + torch.linspace(-3, 3, 16)          # channels with a nonzero mean
+    mu, total = x.mean(0), output_error(w, dq, 2 * x.T @ x / 200).sum()
+    shift = constant_shift(w, dq, mu)
+    assert shift == pytest.approx(float(((w - dq) @ mu).pow(2).sum()), rel=1e-5)
+    varying = ((x - mu) @ (w - dq).T).pow(2).sum(1).mean()      # E||dW x||^2 = shift + the rest
+    assert float(total) == pytest.approx(shift + float(varying), rel=1e-4)
+    assert constant_shift(w, w.clone(), mu) == 0.0
+
+
+def test_collect_hessians_means_are_the_layer_input_means(setup):
+    model, calib = setup
+    means = {}
+    hs = collect_hessians(model, calib.ids, names=[DOWN], device="cpu", compute_dtype=torch.float32,
+                          means=means)
+    x = []
+    handle = model.get_submodule(DOWN).register_forward_pre_hook(lambda m, a: x.append(a[0]))
+    with torch.no_grad():
+        model(calib.ids)
+    handle.remove()
+    x = x[0].reshape(-1, 128)
+    assert set(means) == set(hs) == {DOWN} and means[DOWN].shape == (128,)
+    torch.testing.assert_close(means[DOWN], x.mean(0), rtol=1e-4, atol=1e-5)
+
+
 def test_collect_hessians_matches_accumulation_and_leaves_no_hooks(setup):
     model, calib = setup
     hs = calib.hessians
@@ -71,6 +98,8 @@ def test_inspector_figures_and_text(setup):
     assert DOWN in text and "4-bit, group 32" in text and "RTN" in text
     g, r = (float(e.sum()) for e in insp._errors)
     assert g < r                                                          # GPTQ beats RTN
+    share = constant_shift(insp.cached.weight, insp.result.dequantize(), calib.means[DOWN]) / g
+    assert 0 <= share <= 1 and f"{share:.0%} of GPTQ's output error" in text
 
 
 def test_widget_values_update_figures_in_place(setup):

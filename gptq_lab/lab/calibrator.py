@@ -50,7 +50,8 @@ class Calibrator:
         self.ids: torch.Tensor = s.ids                      # [n_samples, seqlen] int64
         self.token_source, self.labels, self.doc_lengths = s.token_source, s.labels, s.doc_lengths
         self.hessians: dict[str, torch.Tensor] | None = None
-        self.absmax: dict[str, torch.Tensor] | None = None
+        self.absmax: dict[str, torch.Tensor] | None = None      # per layer: [K] largest |input|
+        self.means: dict[str, torch.Tensor] | None = None       # per layer: [K] mean input
         self.memory_estimate: MemoryEstimate | None = None
         self.collect_time: float | None = None
         self._model_ref = None
@@ -129,29 +130,32 @@ class Calibrator:
         dtype = compute_dtype or _default_compute_dtype(model, device)
         self.memory_estimate = self.estimate_memory(model, dtype)
         keep = names is not None and self._model_ref is model and self.hessians is not None
-        held = (self.hessians, self.absmax or {}) if keep else ({}, {})
+        held = (self.hessians, self.absmax or {}, self.means or {}) if keep else ({}, {}, {})
         self._model_ref = model
         key = self.cache_key(model, dtype, names)
         path = Path(cache_dir).expanduser() / f"hessians-{key}.safetensors" if cache_dir else None
         if path is not None and path.is_file():
-            hessians, absmax = load_hessians(path)
-            self.hessians, self.absmax = {**held[0], **hessians}, {**held[1], **absmax}
+            hessians, absmax, means = load_hessians(path)
+            self.hessians, self.absmax, self.means = ({**held[0], **hessians}, {**held[1], **absmax},
+                                                      {**held[2], **means})
             self._refresh_text()
             return self.hessians
         if progress is True:
             self._say(f"collecting Hessians of {self.ids.shape[0]} x {self.ids.shape[1]} tokens; "
                       f"memory {self.memory_estimate}")
-        t0, absmax = time.perf_counter(), {}
+        t0, absmax, means = time.perf_counter(), {}, {}
         if in_notebook() and progress is True:
             show(self)                                      # the progress bar lives in the widget
         bar = self.widget.children[1].children if in_notebook() else (None, None)
         with Progress(progress, "Hessians", *bar) as cb:
             hessians = collect_hessians(model, self.ids, names=names, batch_size=batch_size,
-                                        device=device, compute_dtype=dtype, progress=cb, absmax=absmax)
+                                        device=device, compute_dtype=dtype, progress=cb, absmax=absmax,
+                                        means=means)
         self.collect_time = time.perf_counter() - t0
         if path is not None:
-            save_hessians(path, hessians, absmax)
-        self.hessians, self.absmax = {**held[0], **hessians}, {**held[1], **absmax}
+            save_hessians(path, hessians, absmax, means)
+        self.hessians, self.absmax, self.means = ({**held[0], **hessians}, {**held[1], **absmax},
+                                                  {**held[2], **means})
         self._refresh_text()
         return self.hessians
 
@@ -232,16 +236,19 @@ def _compare_layer(name, ha, hb, model, config, cross) -> dict:
     return row
 
 
-def save_hessians(path: Path, hessians: dict[str, torch.Tensor], absmax: dict | None = None) -> Path:
-    """Write Hessians to one safetensors file (shared tensors stored once), atomically."""
+def save_hessians(path: Path, hessians: dict[str, torch.Tensor], absmax: dict | None = None,
+                  means: dict | None = None) -> Path:
+    """Write Hessians (and each layer's [K] input |max| and mean, where given) to one safetensors
+    file (shared tensors stored once), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     keys, tensors, names = {}, {}, {}
     for name, h in hessians.items():
         if id(h) not in keys:
             keys[id(h)] = f"h{len(keys)}"
             tensors[keys[id(h)]] = h.contiguous()
-            if absmax and name in absmax:
-                tensors[f"{keys[id(h)]}.absmax"] = absmax[name].contiguous()
+            for suffix, stats in (("absmax", absmax), ("mean", means)):
+                if stats and name in stats:
+                    tensors[f"{keys[id(h)]}.{suffix}"] = stats[name].contiguous()
         names[name] = keys[id(h)]
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"names": json.dumps(names)})
@@ -249,13 +256,16 @@ def save_hessians(path: Path, hessians: dict[str, torch.Tensor], absmax: dict | 
     return path
 
 
-def load_hessians(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def load_hessians(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                       dict[str, torch.Tensor]]:
+    """(hessians, absmax, means) as ``save_hessians`` wrote them (a file without means: {})."""
     with safe_open(str(path), framework="pt") as f:
         names = json.loads(f.metadata()["names"])
         loaded = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     hessians = {n: loaded[k] for n, k in names.items()}
-    absmax = {n: loaded[f"{k}.absmax"] for n, k in names.items() if f"{k}.absmax" in loaded}
-    return hessians, absmax
+    absmax, means = ({n: loaded[f"{k}.{suffix}"] for n, k in names.items() if f"{k}.{suffix}" in loaded}
+                     for suffix in ("absmax", "mean"))
+    return hessians, absmax, means
 
 
 __all__ = ["STRATEGIES", "Calibrator", "load_hessians", "save_hessians"]

@@ -23,7 +23,7 @@ from torch import nn
 from ..arch import weight_matrix
 from ..config import QuantConfig
 from ..gptq import GPTQResult
-from ..hessians import CachedLayer
+from ..hessians import CachedLayer, constant_shift
 from . import views
 from .widgets import figure_widget, ipython_display, refresh
 
@@ -261,6 +261,12 @@ class LayerInspector:
             (f"  last update {self.timings.get('total_s', 0):.3f}s "
              f"(solve {self.timings.get('solve_s', 0):.3f}s)"),
         ]
+        mean = (getattr(self._source, "means", None) or {}).get(self.layer)
+        if mean is not None and g > 0 and rt > 0:
+            shift_g = constant_shift(c.weight, r.dequantize(), mean) / g
+            shift_r = constant_shift(c.weight, self.rtn.dequantize(), mean) / rt
+            lines.append(f"  constant shift ||dW mean(x)||^2: {shift_g:.0%} of GPTQ's output error, "
+                         f"{shift_r:.0%} of RTN's (high: tuned to the calibration data's mean input)")
         return lines + [f"  note: {n}" for n in r.notes]
 
     def __repr__(self) -> str:
