@@ -19,16 +19,15 @@ import time
 import torch
 
 from gptq_lab import QuantConfig, data, quantize_model, study
-from gptq_lab.arch import block_linears, family_of, get_blocks, set_weight_matrix, weight_matrix
+from gptq_lab.arch import set_weight_matrix, weight_matrix
+from gptq_lab.checks import linear_names
 from gptq_lab.eval import perplexity
 from gptq_lab.hessians import collect_hessians, constant_shift, output_error
 from gptq_lab.protocol import PROTOCOLS, protocol_windows
 
 
 def linears(model) -> dict:
-    fam = family_of(model)
-    return {f"{fam.blocks}.{i}.{name}": m for i, block in enumerate(get_blocks(model, fam))
-            for name, m in block_linears(block, fam).items()}
+    return {n: model.get_submodule(n) for n in linear_names(model)}
 
 
 def weights(model) -> dict[str, torch.Tensor]:

@@ -135,11 +135,11 @@ def _block_hessians(work, family, groups, inputs):
 
     def make_hook(name):
         def hook(_mod, args):
-            x = args[0]
+            x = args[0].detach()
             accs[name].add(x)
-            seen = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()     # [K]
-            maxes[name] = torch.maximum(maxes[name], seen)
-            sums[name] += x.detach().reshape(-1, x.shape[-1]).float().sum(0)
+            flat = x.reshape(-1, x.shape[-1])
+            maxes[name] = torch.maximum(maxes[name], flat.abs().amax(0).float())      # [K]
+            sums[name] += flat.float().sum(0)
         return hook
 
     with scoped_hooks(lambda: [linears[n].register_forward_pre_hook(make_hook(n)) for n in accs]):

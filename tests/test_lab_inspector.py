@@ -46,6 +46,16 @@ def test_output_error_sums_to_trace():
     torch.testing.assert_close(e.sum(), ((x @ (w - dq).T) ** 2).sum(1).mean(), rtol=1e-4, atol=1e-4)
 
 
+def down_inputs(model, ids) -> torch.Tensor:
+    """[tokens, 128]: what DOWN receives in one float forward of ``ids``."""
+    x = []
+    handle = model.get_submodule(DOWN).register_forward_pre_hook(lambda m, a: x.append(a[0]))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    return x[0].reshape(-1, 128)
+
+
 def test_constant_shift_is_the_mean_inputs_part_of_the_output_error():
     torch.manual_seed(0)
     w, dq = torch.randn(8, 16), torch.randn(8, 16)
@@ -63,12 +73,7 @@ def test_collect_hessians_means_are_the_layer_input_means(setup):
     means = {}
     hs = collect_hessians(model, calib.ids, names=[DOWN], device="cpu", compute_dtype=torch.float32,
                           means=means)
-    x = []
-    handle = model.get_submodule(DOWN).register_forward_pre_hook(lambda m, a: x.append(a[0]))
-    with torch.no_grad():
-        model(calib.ids)
-    handle.remove()
-    x = x[0].reshape(-1, 128)
+    x = down_inputs(model, calib.ids)
     assert set(means) == set(hs) == {DOWN} and means[DOWN].shape == (128,)
     torch.testing.assert_close(means[DOWN], x.mean(0), rtol=1e-4, atol=1e-5)
 
@@ -78,12 +83,7 @@ def test_collect_hessians_matches_accumulation_and_leaves_no_hooks(setup):
     hs = calib.hessians
     assert len(hs) == 14 and hs["model.layers.0.self_attn.q_proj"] is hs["model.layers.0.self_attn.k_proj"]
     assert hs[DOWN].shape == (128, 128) and no_hooks(model)
-    x = []
-    handle = model.get_submodule(DOWN).register_forward_pre_hook(lambda m, a: x.append(a[0]))
-    with torch.no_grad():
-        model(calib.ids)
-    handle.remove()
-    x = x[0].reshape(-1, 128)
+    x = down_inputs(model, calib.ids)
     torch.testing.assert_close(hs[DOWN], 2 * x.T @ x / x.shape[0], rtol=1e-3, atol=1e-4)
 
 

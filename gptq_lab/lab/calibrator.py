@@ -116,12 +116,15 @@ class Calibrator:
 
     def collect(self, model: nn.Module, device=None, batch_size: int | None = None,
                 compute_dtype: torch.dtype | None = None, cache_dir: str | Path | None = None,
-                progress=True, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Run the windows through ``model`` (unchanged) and keep each linear's Hessian.
+                progress=True, names: list[str] | None = None,
+                keep: bool | None = None) -> dict[str, torch.Tensor]:
+        """Run the windows through ``model`` (unchanged) and keep each linear's Hessian, input
+        |max| and mean input (``absmax``, ``means``).
 
         names: the full linear names to collect (default: all); the forward pass stops after
         the last block needed. Layers collected earlier from the same model are kept (a
-        different model replaces them). Prints the memory estimate first (when ``progress``
+        different model replaces them; ``keep=True`` keeps them anyway, for another copy of the
+        same float model). Prints the memory estimate first (when ``progress``
         is True). With ``cache_dir``, the Hessians are read from / written to
         ``cache_dir/hessians-<key>.safetensors``, the key hashing the token ids, the model's
         config and first weights, the compute dtype and ``names``.
@@ -129,17 +132,14 @@ class Calibrator:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = compute_dtype or _default_compute_dtype(model, device)
         self.memory_estimate = self.estimate_memory(model, dtype)
-        keep = names is not None and self._model_ref is model and self.hessians is not None
-        held = (self.hessians, self.absmax or {}, self.means or {}) if keep else ({}, {}, {})
+        if keep is None:
+            keep = names is not None and self._model_ref is model
+        held = (self.hessians or {}, self.absmax or {}, self.means or {}) if keep else ({}, {}, {})
         self._model_ref = model
         key = self.cache_key(model, dtype, names)
         path = Path(cache_dir).expanduser() / f"hessians-{key}.safetensors" if cache_dir else None
         if path is not None and path.is_file():
-            hessians, absmax, means = load_hessians(path)
-            self.hessians, self.absmax, self.means = ({**held[0], **hessians}, {**held[1], **absmax},
-                                                      {**held[2], **means})
-            self._refresh_text()
-            return self.hessians
+            return self._store(held, *load_hessians(path))
         if progress is True:
             self._say(f"collecting Hessians of {self.ids.shape[0]} x {self.ids.shape[1]} tokens; "
                       f"memory {self.memory_estimate}")
@@ -154,6 +154,11 @@ class Calibrator:
         self.collect_time = time.perf_counter() - t0
         if path is not None:
             save_hessians(path, hessians, absmax, means)
+        return self._store(held, hessians, absmax, means)
+
+    def _store(self, held: tuple[dict, dict, dict], hessians: dict, absmax: dict,
+               means: dict) -> dict[str, torch.Tensor]:
+        """The layers ``held`` from before, updated with these; returns the Hessians."""
         self.hessians, self.absmax, self.means = ({**held[0], **hessians}, {**held[1], **absmax},
                                                   {**held[2], **means})
         self._refresh_text()

@@ -184,12 +184,10 @@ class Quantizer:
         if self.calibrator is None:
             raise ValueError("requantize needs a Calibrator for the Hessians")
         c = self.calibrator
-        held, held_absmax, held_means = dict(c.hessians or {}), dict(c.absmax or {}), dict(c.means or {})
-        missing = [n for n in names if n not in held]
+        missing = [n for n in names if n not in (c.hessians or {})]
         if missing:             # only the layers it lacks; keep the rest (inplace: a new float copy)
-            c.collect(self.reference if self.reference is not None else self._float_model(), names=missing)
-            c.hessians, c.absmax, c.means = ({**held, **c.hessians}, {**held_absmax, **(c.absmax or {})},
-                                             {**held_means, **(c.means or {})})
+            c.collect(self.reference if self.reference is not None else self._float_model(), names=missing,
+                      keep=True)
         for name in names:
             weight = self._float_weight(name)
             result = CachedLayer(weight, self.calibrator.hessians[name]).solve(config.for_module(name))
