@@ -5,6 +5,7 @@
     python benchmarks/decode.py --kernels default,default+fuse,cuda,cuda+fuse    # int4 variants
     python benchmarks/decode.py --tiny --device cpu              # smoke run, seconds
     python benchmarks/decode.py --isolate --paths fast           # one Python process per model
+    python benchmarks/decode.py --prefill-only --paths fast      # the prefill figure alone, in seconds
 
 For each shape (Llama-2-7B: hidden 4096, MLP 11008, 32 layers, 32 heads, vocab 32000; GQA
 Llama-3-8B: MLP 14336, 8 KV heads, vocab 128256) a model with random weights is built on the
@@ -215,6 +216,8 @@ def main(argv=None) -> str:
                     help="time fp16 and each int4 variant in its own Python process (no compiled "
                          "state carried from one model to the next)")
     ap.add_argument("--no-int4", action="store_true", help="only the fp16 rows")
+    ap.add_argument("--prefill-only", action="store_true",
+                    help="only the prefill figure and memory (no decode step, nothing compiled)")
     ap.add_argument("--rows-json", help=argparse.SUPPRESS)     # --isolate's children write rows here
     args = ap.parse_args(argv)
     shapes = ["tiny"] if args.tiny else args.shapes.split(",")
@@ -227,6 +230,8 @@ def main(argv=None) -> str:
     settings = TINY if args.tiny else DecodeSettings()
     if args.no_compile or (args.tiny and args.device == "cpu"):      # inductor on CPU: minutes
         settings = DecodeSettings(**{**settings.__dict__, "compile": False})
+    if args.prefill_only:
+        settings = DecodeSettings(**{**settings.__dict__, "decode": False})
     if args.batches or args.repeats:
         settings = DecodeSettings(**{**settings.__dict__,
                                      **({"batches": () if args.batches == "none" else

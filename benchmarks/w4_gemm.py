@@ -10,8 +10,9 @@ Per (shape, M): fp16 ``torch.matmul``; Triton's fused kernel (what ``QuantLinear
 rows), dequantize + cuBLAS (from 64 rows; what a ``cuda_decode`` layer ran above
 ``MAX_SLAB_M`` before the W4 GEMM), and each W4 configuration built
 for fp16 (``auto`` is ``w4_ops.choose``'s pick), reading the same CUDA layout (its time
-includes the per-call column permutation of x and the scales/zeros made from the layout;
-``core`` is the auto configuration's GEMM alone, on inputs made beforehand). Every output is first checked against the
+includes the per-call column permutation of x, ``w4_input``'s Triton kernel, and the
+scales/zeros made from the layout; ``torch input`` is the same call with ``w4_pack``'s torch
+permute instead; ``core`` is the auto configuration's GEMM alone, on inputs made beforehand). Every output is first checked against the
 float64 product (relative error < 2e-3). Timing as ``benchmarks/kernel_speed.py``'s ``rotate`` mode:
 GPU time of CUDA-graph replays over weight copies that together exceed 3 x L2, median.
 The 7B rows are the four products of one Llama-2-7B block at the prefill's M (fused q/k/v and
@@ -52,6 +53,9 @@ def paths(x: torch.Tensor, first: dict):
         fns["dequant"] = lambda c: cuda_ops.dequant_mm(x, c["cuda"])
     fns["w4 auto"] = lambda c: w4_ops.w4_mm(x, c["cuda"])
     pick = w4_ops.choose(x.shape[0], x.dtype)
+    fns["w4 torch input"] = lambda c: w4_ops._w4_mm(           # the call before w4_input
+        w4_pack.gemm_input(x, c["cuda"]), c["cuda"].qweight, c["cuda"].meta, c["cuda"].group_size,
+        pick)[:, :c["cuda"].out_features]
     xg = w4_pack.gemm_input(x, first["cuda"])          # the copies share one column order
     fns["w4 core"] = lambda c: w4_ops._build().w4_gemm(xg, c["cuda"].qweight, *c["scales"],
                                                        c["cuda"].group_size, pick)[:, :c["cuda"].out_features]
@@ -140,7 +144,7 @@ def main() -> None:
     if args.prefill_m:
         block = [r for name, (k, n) in BLOCK_7B.items() for r in bench_shape(name, k, n, [args.prefill_m])]
         rows += block
-        for path in ("triton", "dequant", "w4 auto", "w4 core"):
+        for path in ("triton", "dequant", "w4 auto", "w4 torch input", "w4 core"):
             if all(isinstance(r.get(path), float) for r in block):
                 fp16, t = sum(r["fp16_us"] for r in block), sum(r[path] for r in block)
                 print(f"one 7B block at M={args.prefill_m}: fp16 {fp16 / 1e3:.3f} ms, {path} "

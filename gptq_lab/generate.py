@@ -299,11 +299,14 @@ class DecodeSettings:
     vocab: int | None = None          # token ids drawn below this (default: the model's vocab)
     seed: int = 0
     compile: bool = True              # the fast path's step under torch.compile (False: same loop, eager)
+    decode: bool = True               # False: only the prefill figure (and memory); no decode step runs
 
 
 def figure_names(settings: DecodeSettings) -> list[str]:
     """The keys of ``measure_decode``'s result, in table order (tokens/s, then GB)."""
     s = settings
+    if not s.decode:
+        return [f"prefill p{s.long_prompt}", "weights GB", "peak GB"]
     return ([f"decode b1 p{s.prompt}", f"decode b1 p{s.long_prompt}", f"prefill p{s.long_prompt}"]
             + [f"decode b{b} p{s.prompt}" for b in s.batches] + ["weights GB", "peak GB"])
 
@@ -328,7 +331,7 @@ def measure_decode(model: nn.Module, path: str, settings: DecodeSettings | None 
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    fast = StaticGreedy(model, compile=s.compile) if path == "fast" else None
+    fast = StaticGreedy(model, compile=s.compile and s.decode) if path == "fast" else None
 
     def run(ids: torch.Tensor, n: int) -> None:
         if fast is not None:
@@ -339,14 +342,16 @@ def measure_decode(model: nn.Module, path: str, settings: DecodeSettings | None 
     out: dict[str, float] = {}
     shapes = [(1, s.prompt, f"decode b1 p{s.prompt}"), (1, s.long_prompt, f"decode b1 p{s.long_prompt}")]
     shapes += [(b, s.prompt, f"decode b{b} p{s.prompt}") for b in s.batches]
-    for batch, length, name in shapes:
+    for batch, length, name in shapes if s.decode else shapes[1:2]:
         if progress:
-            progress(f"{path}: {name}")
+            progress(f"{path}: {name if s.decode else f'prefill p{length}'}")
         ids = prompt(batch, length)
-        full = _median_time(lambda ids=ids: run(ids, s.new_tokens), device, s.warmup, s.repeats)
+        if s.decode:
+            full = _median_time(lambda ids=ids: run(ids, s.new_tokens), device, s.warmup, s.repeats)
         first = _median_time(lambda ids=ids: run(ids, 1), device, s.warmup, s.repeats)
-        decode = full - first                    # NaN when timing noise swamps the decode time
-        out[name] = batch * (s.new_tokens - 1) / decode if decode > 0 else float("nan")
+        if s.decode:
+            decode = full - first                # NaN when timing noise swamps the decode time
+            out[name] = batch * (s.new_tokens - 1) / decode if decode > 0 else float("nan")
         if length == s.long_prompt and batch == 1:
             out[f"prefill p{s.long_prompt}"] = length / first
     if fast is not None and s.compile:

@@ -157,7 +157,12 @@ def w4_mm(x: torch.Tensor, p: PreparedCUDA, config: str | None = None) -> torch.
     """x [..., K] in p.dtype on an sm_90 GPU -> [..., N]. ``config`` forces a configuration."""
     if x.dtype != p.dtype:
         raise ValueError(f"x is {x.dtype} but the layer was prepared for {p.dtype}")
-    flat = gemm_input(x.reshape(-1, p.in_features), p)
+    x2 = x.reshape(-1, p.in_features)
+    if torch.compiler.is_compiling():     # torch's permute: Inductor fuses it into x's producer
+        flat = gemm_input(x2, p)
+    else:                                 # eager: one Triton pass (imports Triton: GPU only)
+        from .w4_input import gemm_input as triton_gemm_input
+        flat = triton_gemm_input(x2, p)
     config = config or choose(flat.shape[0], p.dtype)
     out = run_op(torch.ops.gptq_lab.w4_mm, _w4_mm, flat, p.qweight, p.meta, p.group_size, config)
     if out.shape[1] != p.out_features:

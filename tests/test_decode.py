@@ -107,6 +107,23 @@ def test_measure_decode_reports_every_figure():
         measure_decode(model, "slow", s)
 
 
+def test_measure_decode_prefill_only_runs_no_decode_step(monkeypatch):
+    model = prepare_model(quantized_llama())
+    s = DecodeSettings(prompt=4, long_prompt=8, new_tokens=3, batches=(2,), repeats=1, warmup=0,
+                       decode=False)                         # compile stays on: it must go unused
+    steps = StaticGreedy.steps
+
+    def no_steps(self, token, cache, start, count):
+        assert count == 0, "a decode step ran"
+        return steps(self, token, cache, start, count)
+
+    monkeypatch.setattr(StaticGreedy, "steps", no_steps)
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("something was compiled"))
+    out = measure_decode(model, "fast", s)
+    assert list(out) == figure_names(s) == ["prefill p8", "weights GB", "peak GB"]
+    assert out["prefill p8"] > 0
+
+
 def test_released_layer_refuses_to_save(tmp_path):
     model = quantized_llama()
     layer = next(iter(quant_linears(model).values()))

@@ -3,8 +3,9 @@
 CPU: the GEMM's operands (the CUDA decode layout read as CUTLASS reads it, permuted x, dtype
 scales and zeros) multiply as the reference; the layout formula against CUTLASS's own (a host
 program built with nvcc, where nvcc and the CUTLASS headers are present); one configuration
-compiles for sm_90a with no spills and no serialized wgmma; the Triton kernel that makes the
-scales and zeros per call (``w4_scales``) under TRITON_INTERPRET=1 equals the torch version.
+compiles for sm_90a with no spills and no serialized wgmma; the Triton kernels that make the
+scales and zeros (``w4_scales``) and the permuted x (``w4_input``) per call, under
+TRITON_INTERPRET=1, equal the torch versions.
 GPU (marked ``gpu``, Hopper only): a sweep of shapes, batch sizes, group sizes, act-order,
 sym/asym and both dtypes, every built configuration, and torch.compile.
 """
@@ -143,12 +144,44 @@ def test_scales_kernel_compiles_for_sm90(dtype):
     assert ".entry _scales_kernel" in kernel.asm["ptx"]
 
 
-def test_scales_kernel_under_the_triton_interpreter():
+INPUT_CHECK = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_triton import make_layer
+from gptq_lab.kernels import cuda_pack, w4_input, w4_pack
+for n, k, gs, act, m in ((32, 256, -1, False, 5), (32, 200, -1, False, 37), (48, 320, 64, True, 33),
+                         (16, 576, 128, True, 2)):
+    p = cuda_pack.prepare(*make_layer(n, k, 4, gs, sym=True, act_order=act), 4, torch.float16)
+    x = torch.randn(m, k + 24).half()[:, 3:k + 3]                     # rows strided, not contiguous
+    want, got = w4_pack.gemm_input(x, p), w4_input.gemm_input(x, p)
+    assert got.is_contiguous() and torch.equal(want, got), (n, k, act, m)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("check", [SCALES_CHECK, INPUT_CHECK], ids=["scales", "input"])
+def test_per_call_kernels_under_the_triton_interpreter(check):
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-c", SCALES_CHECK, os.path.dirname(__file__)], env=env,
+    proc = subprocess.run([sys.executable, "-c", check, os.path.dirname(__file__)], env=env,
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("has_perm", [False, True])
+def test_input_kernel_compiles_for_sm90(has_perm):
+    pytest.importorskip("triton")
+    import triton
+    from gptq_lab.kernels.w4_input import BLOCK_C, BLOCK_M, _input_kernel
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    signature = {"x_ptr": "*fp16", "perm_ptr": "*i64", "out_ptr": "*fp16", "m": "i32", "k": "i32",
+                 "kp": "i32", "n_perm": "i32", "stride_xm": "i32", "HAS_PERM": "constexpr",
+                 "BLOCK_M": "constexpr", "BLOCK_C": "constexpr"}
+    constexprs = {"HAS_PERM": has_perm, "BLOCK_M": BLOCK_M, "BLOCK_C": BLOCK_C}
+    kernel = triton.compile(ASTSource(_input_kernel, signature, constexprs=constexprs),
+                            target=GPUTarget("cuda", 90, 128))
+    assert ".entry _input_kernel" in kernel.asm["ptx"]
 
 
 def test_every_configuration_has_its_source_and_python_entry():
@@ -225,6 +258,17 @@ def test_gpu_scales_kernel_equals_torch(dtype):
     p = prepare(*make_layer(1040, 1536, 4, 128, sym=False, act_order=True, device="cuda"), 4, dtype)
     want, got = w4_pack.gemm_scales(p), w4_scales.gemm_scales(p.meta, dtype)
     assert all(torch.equal(w, g) for w, g in zip(want, got))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("k,act_order,m", [(4096, False, 2048), (1000, False, 33), (1536, True, 300)])
+def test_gpu_input_kernel_equals_torch(k, act_order, m):
+    from gptq_lab.kernels import w4_input
+    p = prepare(*make_layer(64, k, 4, 128, sym=True, act_order=act_order, device="cuda"), 4,
+                torch.float16)
+    x = torch.randn(m, k + 8, device="cuda", dtype=torch.float16)[:, :k]
+    assert torch.equal(gemm_input(x, p), w4_input.gemm_input(x, p))
 
 
 @pytest.mark.gpu
