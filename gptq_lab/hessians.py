@@ -17,6 +17,7 @@ condition number) is computed once per layer, on first use.
 from __future__ import annotations
 
 import copy
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -170,6 +171,18 @@ def constant_shift(weight: torch.Tensor, dequantized: torch.Tensor, mean: torch.
     (benchmarks/domain_shift.py)."""
     dw = weight.float() - dequantized.float()
     return float((dw @ mean.float()).pow(2).sum())
+
+
+def constant_shift_share(weight: torch.Tensor, dequantized: torch.Tensor, mean: torch.Tensor,
+                         total: float) -> float:
+    """``constant_shift`` / ``total``: the fraction of a layer's output error that its mean input
+    causes. ``total`` is E||dW x||^2 on the same inputs, ``output_error(weight, dequantized,
+    hessian).sum()`` with the Hessian whose inputs have mean ``mean`` [K]; the fraction lies in
+    [0, 1] (up to rounding), as E||dW x||^2 = ||dW mean||^2 + E||dW (x - mean)||^2.
+    NaN where ``total`` <= 0 (no error to share)."""
+    if not total > 0:
+        return math.nan
+    return constant_shift(weight, dequantized, mean) / total
 
 
 # ---------------------------------------------------------------------------- cached layer

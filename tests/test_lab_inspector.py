@@ -7,7 +7,13 @@ pytest.importorskip("plotly")
 from test_lab_common import CONFIG, calibrator, no_hooks, tiny_llama
 
 from gptq_lab import QuantConfig, solve
-from gptq_lab.hessians import CachedLayer, collect_hessians, constant_shift, output_error
+from gptq_lab.hessians import (
+    CachedLayer,
+    collect_hessians,
+    constant_shift,
+    constant_shift_share,
+    output_error,
+)
 from gptq_lab.lab import LayerInspector
 
 DOWN = "model.layers.1.mlp.down_proj"
@@ -66,6 +72,8 @@ def test_constant_shift_is_the_mean_inputs_part_of_the_output_error():
     varying = ((x - mu) @ (w - dq).T).pow(2).sum(1).mean()      # E||dW x||^2 = shift + the rest
     assert float(total) == pytest.approx(shift + float(varying), rel=1e-4)
     assert constant_shift(w, w.clone(), mu) == 0.0
+    assert constant_shift_share(w, dq, mu, float(total)) == pytest.approx(shift / float(total))
+    assert np.isnan(constant_shift_share(w, w.clone(), mu, 0.0))           # no error to share
 
 
 def test_collect_hessians_means_are_the_layer_input_means(setup):

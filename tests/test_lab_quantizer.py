@@ -6,10 +6,12 @@ import pytest
 import torch
 
 pytest.importorskip("plotly")
-from test_lab_common import CONFIG, calibrator, no_hooks, tiny_llama
+from test_lab_common import CONFIG, OTHER, calibrator, no_hooks, tiny_llama
 
-from gptq_lab import QuantConfig
+from gptq_lab import CalibrationError, QuantConfig
+from gptq_lab.arch import weight_matrix
 from gptq_lab.lab import Quantizer
+from gptq_lab.lab.calibrator import load_hessians, save_hessians
 
 DOWN = "model.layers.0.mlp.down_proj"
 
@@ -95,6 +97,73 @@ def test_rtn_heatmap_uses_output_error_from_calibrator_hessians():
     t = q.table()
     assert t.loss.isna().all() and (t.output_error > 0).all()
     assert np.isfinite(q.loss_matrix()).all() and "highest output error" in repr(q)
+
+
+@pytest.fixture(scope="module")
+def collected():
+    """GPTQ of a tiny Llama whose calibrator (and a second one, on code) has Hessians and means."""
+    model, calib, other = tiny_llama(), calibrator(), calibrator(OTHER)
+    for c in (calib, other):
+        c.collect(model, device="cpu", compute_dtype=torch.float32, progress=False)
+    return Quantizer(model, calib, CONFIG, device="cpu").run(progress=False), other
+
+
+def shares_by_hand(q, ids) -> np.ndarray:
+    """||dW mean(x)||^2 / mean ||dW x||^2 per layer from the float model's inputs, [blocks, modules]."""
+    xs, handles = {}, []
+    for name in q.names:
+        def hook(_m, a, n=name):
+            xs[n] = a[0].reshape(-1, a[0].shape[-1]).double()                # [tokens, K]
+        handles.append(q.reference.get_submodule(name).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        q.reference(ids)
+    for h in handles:
+        h.remove()
+    out = np.full((q.n_blocks, len(q.family.linears)), np.nan)
+    for name, x in xs.items():
+        dw = (weight_matrix(q.reference.get_submodule(name)).detach().double()
+              - weight_matrix(q.model.get_submodule(name)).detach().double())  # [N, K]
+        block, module = name.split(".")[2], name.split(".", 3)[3]
+        out[int(block), q.family.linears.index(module)] = \
+            float((dw @ x.mean(0)).pow(2).sum() / (x @ dw.T).pow(2).sum(1).mean())
+    return out
+
+
+def test_constant_shift_share_matches_the_layer_inputs(collected):
+    q, other = collected
+    own, on_other = q.constant_shift_matrix(), q.constant_shift_matrix(on=other)
+    assert own.shape == (2, 7) and np.isfinite(own).all() and ((own >= 0) & (own <= 1)).all()
+    np.testing.assert_allclose(own, shares_by_hand(q, q.calibrator.ids), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(on_other, shares_by_hand(q, other.ids), rtol=1e-4, atol=1e-7)
+    assert np.abs(own - on_other).max() > 0.05                        # the inputs' mean matters
+
+
+def test_constant_shift_figure_axes(collected):
+    q, other = collected
+    fig = q.constant_shift_figure()
+    trace = fig.data[0]
+    assert list(trace.x) == list(q.family.linears) and list(trace.y) == ["0", "1"]
+    np.testing.assert_allclose(np.asarray(trace.z, dtype=float), q.constant_shift_matrix())
+    assert (trace.zmin, trace.zmax) == (0, 1) and "its calibration data" in fig.layout.title.text
+    assert repr(other.name) in q.constant_shift_figure(on=other).layout.title.text
+
+
+def test_constant_shift_needs_hessians_and_means(tmp_path):
+    model = tiny_llama()
+    with pytest.raises(CalibrationError, match="has no Hessians"):          # never collected
+        Quantizer(model, calibrator(), CONFIG, method="rtn").run(progress=False).constant_shift_figure()
+    with pytest.raises(CalibrationError, match="pass on="):
+        Quantizer(model, None, CONFIG, method="rtn").run(progress=False).constant_shift_matrix()
+    calibrator().collect(model, device="cpu", cache_dir=tmp_path, progress=False)
+    path = next(tmp_path.glob("hessians-*.safetensors"))
+    hessians, absmax, _ = load_hessians(path)
+    save_hessians(path, hessians, absmax)                                  # a cache from before means
+    old = calibrator()
+    old.collect(model, device="cpu", cache_dir=tmp_path, progress=lambda *a: pytest.fail("recomputed"))
+    q = Quantizer(model, old, CONFIG, method="rtn").run(progress=False)
+    assert np.isfinite(q.loss_matrix()).all()                             # the Hessians still serve
+    with pytest.raises(CalibrationError, match="no mean input for 14 .*model.layers.0.self_attn.q_proj"):
+        q.constant_shift_figure()
 
 
 class ZMQInteractiveShell:

@@ -57,6 +57,16 @@ def test_loss_heatmap_keeps_nan_pending_and_logs():
     assert np.isnan(z[1, 0]) and z[1, 1] == 2
 
 
+def test_constant_shift_heatmap_is_linear_in_0_1_and_keeps_nan_blank():
+    v = np.array([[0.25, 1.0], [np.nan, 0.0]])
+    fig = views.constant_shift_figure(v, ["0", "1"], ["q", "k"], title="t")
+    trace = fig.data[0]
+    assert trace.z[1][0] is None                                      # strict JSON: NaN -> None
+    np.testing.assert_allclose(np.asarray(trace.z, dtype=float), v)   # shares as given, not logged
+    assert list(trace.x) == ["q", "k"] and list(trace.y) == ["0", "1"] and (trace.zmin, trace.zmax) == (0, 1)
+    assert fig.layout.yaxis.title.text == "block" and fig.layout.title.text == "t"
+
+
 def test_calibration_and_evaluation_figures():
     fig = views.calibration_figure({"a": 30, "b": 10}, [5, 6, 7], torch.tensor([0, 5, 2, 9]))
     assert list(fig.data[0].y) == [30, 10] and list(fig.data[2].y) == [9, 5, 2]

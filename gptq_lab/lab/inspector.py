@@ -23,7 +23,7 @@ from torch import nn
 from ..arch import weight_matrix
 from ..config import QuantConfig
 from ..gptq import GPTQResult
-from ..hessians import CachedLayer, constant_shift
+from ..hessians import CachedLayer, constant_shift_share
 from . import views
 from .widgets import figure_widget, ipython_display, refresh
 
@@ -263,8 +263,8 @@ class LayerInspector:
         ]
         mean = (getattr(self._source, "means", None) or {}).get(self.layer)
         if mean is not None and g > 0 and rt > 0:
-            shift_g = constant_shift(c.weight, r.dequantize(), mean) / g
-            shift_r = constant_shift(c.weight, self.rtn.dequantize(), mean) / rt
+            shift_g = constant_shift_share(c.weight, r.dequantize(), mean, g)
+            shift_r = constant_shift_share(c.weight, self.rtn.dequantize(), mean, rt)
             lines.append(f"  constant shift ||dW mean(x)||^2: {shift_g:.0%} of GPTQ's output error, "
                          f"{shift_r:.0%} of RTN's (high: tuned to the calibration data's mean input)")
         return lines + [f"  note: {n}" for n in r.notes]

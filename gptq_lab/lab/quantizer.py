@@ -4,6 +4,7 @@
     q.run()                       # live layers x module-type loss heatmap (tqdm outside notebooks)
     q.table()                     # pandas DataFrame: loss, damping, time per layer
     q.requantize(["model.layers.0.mlp.down_proj"], QuantConfig(bits=8))
+    q.constant_shift_figure(on=other)   # share of each layer's error that other data's mean input causes
     q.save("out/")
 
 By default the model is copied (``inplace=False``): ``q.reference`` stays the float model
@@ -27,8 +28,9 @@ from torch import nn
 from ..arch import family_of, get_blocks, set_weight_matrix, weight_matrix
 from ..checks import linear_names
 from ..config import QuantConfig
+from ..errors import CalibrationError
 from ..gptq import GPTQResult
-from ..hessians import CachedLayer, output_error
+from ..hessians import CachedLayer, constant_shift_share, output_error
 from ..pipeline import quantize_model
 from . import views
 from .widgets import Progress, figure_widget, in_notebook, ipython_display, refresh, show
@@ -101,9 +103,14 @@ class Quantizer:
         return self
 
     # ------------------------------------------------------------------ results
-    def output_errors(self) -> dict[str, float]:
+    def output_errors(self, on=None) -> dict[str, float]:
         """{name: 1/2 tr(dW H dW^T)}: each layer's output error on the calibrator's float-model
-        Hessians (comparable between GPTQ and RTN; empty if no Hessians were collected)."""
+        Hessians (comparable between GPTQ and RTN; empty if no Hessians were collected).
+        ``on``: another collected Calibrator to score on instead (not cached)."""
+        if on is not None and on is not self.calibrator:
+            hs = on.hessians or {}
+            return {n: float(output_error(self._float_weight(n), r.dequantize(), hs[n]).sum())
+                    for n, r in self.results.items() if n in hs}
         hs = getattr(self.calibrator, "hessians", None) or {}
         cache = self._errors
         for name, r in self.results.items():
@@ -144,18 +151,67 @@ class Quantizer:
     def loss_matrix(self, relative: bool = False) -> np.ndarray:
         """[blocks, module types] of ``metric`` (NaN where not quantized yet); ``relative``
         divides each module type's column by its median (sensitivity: which blocks stand out)."""
-        m = np.full((self.n_blocks, len(self.family.linears)), np.nan)
-        col = {n: j for j, n in enumerate(self.family.linears)}
         values = self.output_errors() if self.metric == "output_error" else \
             {n: r.loss for n, r in self.results.items()}
-        for name, v in values.items():
-            b, mod = self._split(name)
-            m[b, col[mod]] = v
+        m = self._matrix(values)
         if relative:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)     # all-NaN columns while running
                 m = m / np.nanmedian(m, axis=0)
         return m
+
+    def _matrix(self, values: dict[str, float]) -> np.ndarray:
+        """[blocks, module types] of per-layer ``values``; NaN where a layer has none."""
+        m = np.full((self.n_blocks, len(self.family.linears)), np.nan)
+        col = {n: j for j, n in enumerate(self.family.linears)}
+        for name, v in values.items():
+            b, mod = self._split(name)
+            m[b, col[mod]] = v
+        return m
+
+    def constant_shift_matrix(self, on=None) -> np.ndarray:
+        """[blocks, module types] of each layer's constant-shift share ||dW mean(x)||^2 /
+        E||dW x||^2 (``hessians.constant_shift_share``), in [0, 1], on the float model's inputs
+        from ``on`` (a collected Calibrator; default this Quantizer's). NaN where not quantized
+        yet or without a Hessian. GPTQ can make the shift cancel at its own calibration data's
+        mean input, so the share on *other* data (``on=``, e.g. a Calibrator of Python text
+        collected on ``q.reference``) shows the layers that depend on the calibration domain.
+        Raises CalibrationError when ``on`` has no Hessians or no mean inputs (a cache written
+        before means were kept)."""
+        calib = self.calibrator if on is None else on
+        means = self._means(calib)
+        shares = {n: constant_shift_share(self._float_weight(n), self.results[n].dequantize(), means[n], total)
+                  for n, total in self.output_errors(on).items()}
+        return self._matrix(shares)
+
+    def constant_shift_figure(self, on=None) -> go.Figure:
+        """The heatmap of ``constant_shift_matrix(on)``."""
+        shares, calib = self.constant_shift_matrix(on), self.calibrator if on is None else on
+        where = "its calibration data" if calib is self.calibrator else repr(calib.name)
+        title = (f"Constant-shift share ||dW mean(x)||^2 / E||dW x||^2 ({self.method}, "
+                 f"{len(self.block_times)}/{self.n_blocks} blocks)<br><sup>inputs: {where}; high: the "
+                 f"layer's error is mostly a shift set by the mean input</sup>")
+        return views.constant_shift_figure(shares, self._block_labels(), list(self.family.linears), title)
+
+    def _means(self, calib) -> dict[str, torch.Tensor]:
+        """``calib``'s mean inputs, checked to cover every quantized layer it has a Hessian for."""
+        if calib is None:
+            raise CalibrationError("the constant-shift share needs a Calibrator's Hessians and mean "
+                                   "inputs; this Quantizer has none: pass on=Calibrator(...) collected "
+                                   "on the float model")
+        hs = calib.hessians
+        if not hs:
+            raise CalibrationError(f"Calibrator {calib.name!r} has no Hessians or mean inputs; call "
+                                   ".collect(model) with the float model first")
+        means = calib.means or {}
+        missing = [n for n in self.results if n in hs and n not in means]
+        if missing:
+            raise CalibrationError(
+                f"Calibrator {calib.name!r} has Hessians but no mean input for {len(missing)} of the "
+                f"quantized layers (e.g. {missing[0]!r}): they were loaded from a cache written before "
+                "means were kept; delete that hessians-*.safetensors file (or use another cache_dir) "
+                "and collect again")
+        return means
 
     def loss_figure(self) -> go.Figure:
         what = "GPTQ loss" if self.metric == "loss" else "output error"

@@ -212,6 +212,21 @@ def loss_heatmap_figure(values, blocks: list[str], modules: list[str], title: st
     return fig
 
 
+def constant_shift_figure(values, blocks: list[str], modules: list[str],
+                          title: str = "Constant-shift share of the output error") -> go.Figure:
+    """Heatmap [blocks, module types] of each layer's share ||dW mean(x)||^2 / E||dW x||^2 of its
+    output error, a fraction in [0, 1] on a fixed linear colour scale (so figures compare);
+    NaN cells are blank."""
+    v = _np(values)
+    fig = _fig(title, height=max(300, 60 + 16 * len(blocks)))
+    fig.add_heatmap(z=_json_safe(v), x=list(modules), y=list(blocks), zmin=0, zmax=1,
+                    colorscale="Viridis", colorbar={"title": "share", "tickformat": ".0%"},
+                    hovertemplate="block %{y} %{x}<br>%{z:.1%} of the output error<extra></extra>")
+    fig.update_yaxes(autorange="reversed", title="block")
+    fig.update_xaxes(title="module")
+    return fig
+
+
 # ---------------------------------------------------------------------------- Evaluator
 
 def evaluation_figure(table) -> go.Figure:
