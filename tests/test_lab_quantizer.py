@@ -156,11 +156,14 @@ def test_constant_shift_needs_hessians_and_means(tmp_path):
         Quantizer(model, None, CONFIG, method="rtn").run(progress=False).constant_shift_matrix()
     calibrator().collect(model, device="cpu", cache_dir=tmp_path, progress=False)
     path = next(tmp_path.glob("hessians-*.safetensors"))
-    hessians, absmax, _ = load_hessians(path)
+    hessians, absmax, means = load_hessians(path)
     save_hessians(path, hessians, absmax)                                  # a cache from before means
-    old = calibrator()
-    old.collect(model, device="cpu", cache_dir=tmp_path, progress=lambda *a: pytest.fail("recomputed"))
-    q = Quantizer(model, old, CONFIG, method="rtn").run(progress=False)
+    again, seen = calibrator(), []
+    again.collect(model, device="cpu", cache_dir=tmp_path, progress=lambda d, t, m: seen.append(d))
+    assert seen and set(load_hessians(path)[2]) == set(means)               # collected anew, rewritten
+    q = Quantizer(model, again, CONFIG, method="rtn").run(progress=False)
+    assert np.isfinite(q.constant_shift_matrix()).all()
+    again.means = {}                                                       # means lost some other way
     assert np.isfinite(q.loss_matrix()).all()                             # the Hessians still serve
     with pytest.raises(CalibrationError, match="no mean input for 14 .*model.layers.0.self_attn.q_proj"):
         q.constant_shift_figure()

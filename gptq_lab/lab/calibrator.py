@@ -139,7 +139,10 @@ class Calibrator:
         key = self.cache_key(model, dtype, names)
         path = Path(cache_dir).expanduser() / f"hessians-{key}.safetensors" if cache_dir else None
         if path is not None and path.is_file():
-            return self._store(held, *load_hessians(path))
+            cached = load_hessians(path)
+            if all(n in cached[2] for n in cached[0]):      # a cache from before means: collect anew
+                return self._store(held, *cached)
+            self._say(f"{path.name} was written before mean inputs were kept: collecting again")
         if progress is True:
             self._say(f"collecting Hessians of {self.ids.shape[0]} x {self.ids.shape[1]} tokens; "
                       f"memory {self.memory_estimate}")

@@ -208,9 +208,8 @@ class Quantizer:
         if missing:
             raise CalibrationError(
                 f"Calibrator {calib.name!r} has Hessians but no mean input for {len(missing)} of the "
-                f"quantized layers (e.g. {missing[0]!r}): they were loaded from a cache written before "
-                "means were kept; delete that hessians-*.safetensors file (or use another cache_dir) "
-                "and collect again")
+                f"quantized layers (e.g. {missing[0]!r}); call .collect(model) with the float model "
+                "again (a cache written before means were kept is collected anew)")
         return means
 
     def loss_figure(self) -> go.Figure:
