@@ -255,7 +255,7 @@ def main(argv=None) -> str:
     import transformers
     header = (f"Decode benchmark on {card}: torch {torch.__version__}, transformers "
               f"{transformers.__version__}; int4 = GPTQ checkpoint (RTN, 4-bit g128 sym) via gptq_lab.load; "
-              f"fast path {'compiled (CUDA graphs on GPU)' if settings.compile else 'NOT compiled'}"
+              f"fast path {'compiled (CUDA graphs on GPU)' if settings.compile and settings.decode else 'NOT compiled'}"
               + ("; each model timed in its own process" if args.isolate else ""))
     text = table(rows, settings, header)
     emit(text, "decode.txt")
