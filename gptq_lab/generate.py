@@ -342,9 +342,11 @@ def measure_decode(model: nn.Module, path: str, settings: DecodeSettings | None 
     out: dict[str, float] = {}
     shapes = [(1, s.prompt, f"decode b1 p{s.prompt}"), (1, s.long_prompt, f"decode b1 p{s.long_prompt}")]
     shapes += [(b, s.prompt, f"decode b{b} p{s.prompt}") for b in s.batches]
-    for batch, length, name in shapes if s.decode else shapes[1:2]:
+    if not s.decode:                                          # the long prompt's prefill alone
+        shapes = [(1, s.long_prompt, f"prefill p{s.long_prompt}")]
+    for batch, length, name in shapes:
         if progress:
-            progress(f"{path}: {name if s.decode else f'prefill p{length}'}")
+            progress(f"{path}: {name}")
         ids = prompt(batch, length)
         if s.decode:
             full = _median_time(lambda ids=ids: run(ids, s.new_tokens), device, s.warmup, s.repeats)

@@ -131,17 +131,21 @@ print("ok")
 def test_scales_kernel_compiles_for_sm90(dtype):
     """Triton's front end and PTX code generation, no GPU needed (the interpreter skips both)."""
     pytest.importorskip("triton")
-    import triton
     from gptq_lab.kernels.w4_scales import BLOCK, _scales_kernel
+    signature = {"meta_ptr": "*i32", "scales_ptr": f"*{dtype}", "zeros_ptr": f"*{dtype}",
+                 "records": "i32", "magic": "fp32", "g8_factor": "fp32"}
+    assert ".entry _scales_kernel" in _sm90_ptx(_scales_kernel, signature,
+                                                {"BF16": dtype == "bf16", "BLOCK": BLOCK})
+
+
+def _sm90_ptx(kernel, signature: dict, constexprs: dict) -> str:
+    """PTX of a Triton kernel compiled for sm_90 (``signature`` without the constexprs)."""
+    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    signature = {"meta_ptr": "*i32", "scales_ptr": f"*{dtype}", "zeros_ptr": f"*{dtype}",
-                 "records": "i32", "magic": "fp32", "g8_factor": "fp32", "BF16": "constexpr",
-                 "BLOCK": "constexpr"}
-    constexprs = {"BF16": dtype == "bf16", "BLOCK": BLOCK}
-    kernel = triton.compile(ASTSource(_scales_kernel, signature, constexprs=constexprs),
-                            target=GPUTarget("cuda", 90, 128))
-    assert ".entry _scales_kernel" in kernel.asm["ptx"]
+    signature = {**signature, **dict.fromkeys(constexprs, "constexpr")}
+    return triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
+                          target=GPUTarget("cuda", 90, 128)).asm["ptx"]
 
 
 INPUT_CHECK = """
@@ -171,17 +175,11 @@ def test_per_call_kernels_under_the_triton_interpreter(check):
 @pytest.mark.parametrize("has_perm", [False, True])
 def test_input_kernel_compiles_for_sm90(has_perm):
     pytest.importorskip("triton")
-    import triton
     from gptq_lab.kernels.w4_input import BLOCK_C, BLOCK_M, _input_kernel
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     signature = {"x_ptr": "*fp16", "perm_ptr": "*i64", "out_ptr": "*fp16", "m": "i32", "k": "i32",
-                 "kp": "i32", "n_perm": "i32", "stride_xm": "i32", "HAS_PERM": "constexpr",
-                 "BLOCK_M": "constexpr", "BLOCK_C": "constexpr"}
-    constexprs = {"HAS_PERM": has_perm, "BLOCK_M": BLOCK_M, "BLOCK_C": BLOCK_C}
-    kernel = triton.compile(ASTSource(_input_kernel, signature, constexprs=constexprs),
-                            target=GPUTarget("cuda", 90, 128))
-    assert ".entry _input_kernel" in kernel.asm["ptx"]
+                 "kp": "i32", "n_perm": "i32", "stride_xm": "i32"}
+    assert ".entry _input_kernel" in _sm90_ptx(_input_kernel, signature, {
+        "HAS_PERM": has_perm, "BLOCK_M": BLOCK_M, "BLOCK_C": BLOCK_C})
 
 
 def test_every_configuration_has_its_source_and_python_entry():

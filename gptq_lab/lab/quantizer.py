@@ -103,14 +103,9 @@ class Quantizer:
         return self
 
     # ------------------------------------------------------------------ results
-    def output_errors(self, on=None) -> dict[str, float]:
+    def output_errors(self) -> dict[str, float]:
         """{name: 1/2 tr(dW H dW^T)}: each layer's output error on the calibrator's float-model
-        Hessians (comparable between GPTQ and RTN; empty if no Hessians were collected).
-        ``on``: another collected Calibrator to score on instead (not cached)."""
-        if on is not None and on is not self.calibrator:
-            hs = on.hessians or {}
-            return {n: float(output_error(self._float_weight(n), r.dequantize(), hs[n]).sum())
-                    for n, r in self.results.items() if n in hs}
+        Hessians (comparable between GPTQ and RTN; empty if no Hessians were collected)."""
         hs = getattr(self.calibrator, "hessians", None) or {}
         cache = self._errors
         for name, r in self.results.items():
@@ -179,9 +174,12 @@ class Quantizer:
         Raises CalibrationError when ``on`` has no Hessians or no mean inputs (a cache written
         before means were kept)."""
         calib = self.calibrator if on is None else on
-        means = self._means(calib)
-        shares = {n: constant_shift_share(self._float_weight(n), self.results[n].dequantize(), means[n], total)
-                  for n, total in self.output_errors(on).items()}
+        means, hs, shares = self._means(calib), calib.hessians, {}
+        for name, r in self.results.items():
+            if name in hs:                   # dequantized once for both parts of the ratio
+                w, q = self._float_weight(name), r.dequantize()
+                total = float(output_error(w, q, hs[name]).sum())
+                shares[name] = constant_shift_share(w, q, means[name], total)
         return self._matrix(shares)
 
     def constant_shift_figure(self, on=None) -> go.Figure:
