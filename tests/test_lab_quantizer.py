@@ -148,7 +148,7 @@ def test_constant_shift_figure_axes(collected):
     assert repr(other.name) in q.constant_shift_figure(on=other).layout.title.text
 
 
-def test_constant_shift_needs_hessians_and_means(tmp_path):
+def test_constant_shift_needs_hessians_and_means(tmp_path, capsys):
     model = tiny_llama()
     with pytest.raises(CalibrationError, match="has no Hessians"):          # never collected
         Quantizer(model, calibrator(), CONFIG, method="rtn").run(progress=False).constant_shift_figure()
@@ -167,6 +167,10 @@ def test_constant_shift_needs_hessians_and_means(tmp_path):
     assert np.isfinite(q.loss_matrix()).all()                             # the Hessians still serve
     with pytest.raises(CalibrationError, match="no mean input for 14 .*model.layers.0.self_attn.q_proj"):
         q.constant_shift_figure()
+    save_hessians(path, hessians, absmax)
+    capsys.readouterr()
+    calibrator().collect(model, device="cpu", cache_dir=tmp_path, progress=False)
+    assert capsys.readouterr().out == ""                                   # progress=False: silent
 
 
 class ZMQInteractiveShell:
