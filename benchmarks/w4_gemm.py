@@ -4,6 +4,7 @@ Hopper GPU: the large-batch rows of issue #6 and the prefill products of issue #
     python benchmarks/w4_gemm.py                                   # table, every built config
     python benchmarks/w4_gemm.py --shapes 8192x8192 --batches 64,256 --out w4.txt
     python benchmarks/w4_gemm.py --profile 11008x4096x2048          # the kernels of one call
+    python benchmarks/w4_gemm.py --input 2048         # x's permuted copy alone (no GEMM build)
 
 Per (shape, M): fp16 ``torch.matmul``; Triton's fused kernel (what ``QuantLinear`` runs up to
 ``dequant_above`` rows); from the CUDA layout, the decode kernel (up to ``cuda_ops.MAX_SLAB_M``
@@ -111,6 +112,34 @@ def profile(k: int, n: int, m: int) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
 
 
+def input_rows(m: int) -> None:
+    """The per-call permuted copy of x alone at M rows, for the 7B block's two K (4096, 11008),
+    without and with act-order: ``w4_input``'s Triton kernel and ``w4_pack``'s torch version,
+    each first checked equal, against a plain copy of x (the memory-bandwidth reference). Needs
+    a GPU and Triton, not the GEMM's build."""
+    from gptq_lab.kernels import cuda_pack, w4_input, w4_pack
+    print(torch.cuda.get_device_name(), f"| x [M={m}, K] fp16 -> the W4 GEMM's column order; "
+          "us per call, rotate timing over copies of x > 3 x L2", flush=True)
+    for k in (4096, 11008):
+        for act in (False, True):
+            qweight, scales, qzeros, g_idx = gptq_layer(k, 256)
+            if act:
+                g_idx = g_idx[torch.randperm(k, device="cuda")]
+            p = cuda_pack.prepare(qweight, scales, qzeros, g_idx, 4, torch.float16)
+            xs = [torch.randn(m, k, device="cuda", dtype=torch.float16)
+                  for _ in range(copies_for(2 * m * k))]
+            if not torch.equal(w4_input.gemm_input(xs[0], p), w4_pack.gemm_input(xs[0], p)):
+                raise SystemExit(f"w4_input differs from w4_pack at K={k}, act-order {act}")
+            times = {name: rotating_time([lambda x=x: fn(x) for x in xs]) * 1e3  # noqa: B023
+                     for name, fn in (("copy", torch.clone),
+                                      ("w4_input", lambda x: w4_input.gemm_input(x, p)),    # noqa: B023
+                                      ("torch", lambda x: w4_pack.gemm_input(x, p)))}     # noqa: B023
+            gbs = 2 * 2 * m * k / times["w4_input"] / 1e3
+            print(f"K={k:<6} act-order {act!s:<5} copy {times['copy']:6.1f} us | w4_input "
+                  f"{times['w4_input']:6.1f} us ({gbs:.0f} GB/s) | torch {times['torch']:6.1f} us",
+                  flush=True)
+
+
 def line(r: dict) -> str:
     cells = [f"{r['shape']:>10} M={r['M']:<5} fp16 {r['fp16_us']:8.1f} us"]
     for name, v in r.items():
@@ -127,7 +156,11 @@ def main() -> None:
     ap.add_argument("--prefill-m", type=int, default=2048, help="M of the 7B block rows (0: none)")
     ap.add_argument("--out", help="also write the rows here as JSON")
     ap.add_argument("--profile", metavar="KxNxM", help="only list the kernels of one eager call")
+    ap.add_argument("--input", type=int, metavar="M", help="only time x's permuted copy at M rows")
     args = ap.parse_args()
+    if args.input:
+        input_rows(args.input)
+        return
     from gptq_lab.kernels import w4_ops
     if w4_ops.unavailable():
         raise SystemExit(f"the W4 GEMM cannot run here: {w4_ops.unavailable()}")

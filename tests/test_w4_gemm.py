@@ -267,12 +267,14 @@ def test_gpu_scales_kernel_equals_torch(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("k,act_order,m", [(4096, False, 2048), (1000, False, 33), (1536, True, 300)])
-def test_gpu_input_kernel_equals_torch(k, act_order, m):
+@pytest.mark.parametrize("k,act_order,m,pad", [(4096, False, 2048, 0), (4096, False, 2048, 8),
+                                               (1000, False, 33, 8), (1536, True, 300, 0)])
+def test_gpu_input_kernel_equals_torch(k, act_order, m, pad):
+    """pad 0: contiguous rows (16-byte vector loads); 8: strided rows (Triton's scalar loads)."""
     from gptq_lab.kernels import w4_input
     p = prepare(*make_layer(64, k, 4, 128, sym=True, act_order=act_order, device="cuda"), 4,
                 torch.float16)
-    x = torch.randn(m, k + 8, device="cuda", dtype=torch.float16)[:, :k]
+    x = torch.randn(m, k + pad, device="cuda", dtype=torch.float16)[:, :k]
     assert torch.equal(gemm_input(x, p), w4_input.gemm_input(x, p))
 
 
