@@ -60,7 +60,7 @@ def paths(x: torch.Tensor, first: dict):
     xg = w4_pack.gemm_input(x, first["cuda"])          # the copies share one column order
     fns["w4 core"] = lambda c: w4_ops._build().w4_gemm(xg, c["cuda"].qweight, *c["scales"],
                                                        c["cuda"].group_size, pick)[:, :c["cuda"].out_features]
-    for name, (dtype, _, _, _) in w4_ops.CONFIGS.items():
+    for name, (dtype, *_) in w4_ops.CONFIGS.items():
         if dtype == 0:
             fns[f"w4 {name}"] = lambda c, name=name: w4_ops.w4_mm(x, c["cuda"], name)
     return fns

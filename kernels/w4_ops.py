@@ -107,14 +107,14 @@ def runs(p: PreparedCUDA) -> bool:
     return p.out_features % 16 == 0 and enabled()
 
 
-# name -> (dtype 0 fp16 / 1 bf16, batch rows per tile, stream-K, inputs per k-block):
-# GPTQ_LAB_W4_CONFIGS in cuda/w4_gemm_api.h (a CPU test checks they agree, a GPU test that the
-# build has them). Kept here as plain data so that choosing one traces under
-# torch.compile(fullgraph=True).
-CONFIGS = {"f16_64_sk": (0, 64, True, 64), "f16_128_sk": (0, 128, True, 64),
-           "f16_128": (0, 128, False, 64), "f16_256": (0, 256, False, 64),
-           "bf16_128_sk": (1, 128, True, 64), "bf16_256": (1, 256, False, 64),
-           "f16_256_c2": (0, 256, False, 64), "f16_256_sk": (0, 256, True, 64)}
+# name -> (dtype 0 fp16 / 1 bf16, batch rows per tile, stream-K, inputs per k-block, CTAs per
+# cluster): GPTQ_LAB_W4_CONFIGS in cuda/w4_gemm_api.h (CPU tests check that they and each
+# configuration's source agree, a GPU test that the build has them). Kept here as plain data so
+# that choosing one traces under torch.compile(fullgraph=True).
+CONFIGS = {"f16_64_sk": (0, 64, True, 64, 1), "f16_128_sk": (0, 128, True, 64, 1),
+           "f16_128": (0, 128, False, 64, 1), "f16_256": (0, 256, False, 64, 1),
+           "bf16_128_sk": (1, 128, True, 64, 1), "bf16_256": (1, 256, False, 64, 1),
+           "f16_256_c2": (0, 256, False, 64, 2), "f16_256_sk": (0, 256, True, 64, 1)}
 # built and timed by benchmarks/w4_gemm.py, never chosen until they win there: stream-K over
 # 256-row tiles (kernels_notes.md, thirteenth session; k-blocks of 128 lost on every product)
 TRIAL = frozenset({"f16_256_sk"})
@@ -130,7 +130,7 @@ def choose(m: int, dtype: torch.dtype) -> str:
     if dtype not in LARGE_M:
         raise ValueError(f"no W4 GEMM is built for {dtype}")
     want = 1 if dtype == torch.bfloat16 else 0
-    fits = sorted((tile, not sk, name) for name, (d, tile, sk, k) in CONFIGS.items()
+    fits = sorted((tile, not sk, name) for name, (d, tile, sk, _, _) in CONFIGS.items()
                   if d == want and name not in TRIAL and name != LARGE_M[dtype])
     return next((name for tile, _, name in fits if tile >= m), LARGE_M[dtype])
 

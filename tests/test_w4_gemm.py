@@ -191,10 +191,19 @@ def test_input_kernel_compiles_for_sm90(has_perm):
 
 def test_every_configuration_has_its_source_and_python_entry():
     api = (w4_ops.CUDA_DIR / "w4_gemm_api.h").read_text()
-    rows = re.findall(r"^\s*X\((\w+), (\d), (\d+), (\d), (\d+)\)", api, re.MULTILINE)
+    rows = re.findall(r"^\s*X\((\w+), (\d), (\d+), (\d), (\d+), (\d)\)", api, re.MULTILINE)
     assert rows and sorted(name for name, *_ in rows) == sorted(
         s.stem.removeprefix("w4_gemm_") for s in w4_ops.SOURCES if s.suffix == ".cu")
-    assert w4_ops.CONFIGS == {name: (int(d), int(t), sk == "1", int(k)) for name, d, t, sk, k in rows}
+    assert w4_ops.CONFIGS == {name: (int(d), int(t), sk == "1", int(k), int(c))
+                              for name, d, t, sk, k, c in rows}
+    types = {"cutlass::half_t": 0, "cutlass::bfloat16_t": 1}
+    for name, (dtype, tile, stream_k, k, cluster) in w4_ops.CONFIGS.items():    # each unit's values
+        source = (w4_ops.CUDA_DIR / f"w4_gemm_{name}.cu").read_text()
+        args = re.search(rf"^GPTQ_LAB_W4_DEFINE\({name}, ([^)]*)\)", source, re.MULTILINE)
+        assert args, name
+        mma, t, sk, kb, *c = (a.strip() for a in args.group(1).split(","))
+        assert (types[mma], int(t), sk == "true", int(kb), int(c[0]) if c else 1) == (
+            dtype, tile, stream_k, k, cluster), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -202,10 +211,10 @@ def test_choose_takes_the_smallest_tile_that_holds_m_then_the_large_m_configurat
     want = 1 if dtype == torch.bfloat16 else 0
     large = w4_ops.LARGE_M[dtype]
     assert w4_ops.CONFIGS[large][0] == want and large not in w4_ops.TRIAL
-    tiles = [t for n, (d, t, _, _) in w4_ops.CONFIGS.items() if d == want and n not in w4_ops.TRIAL]
+    tiles = [t for n, (d, t, *_) in w4_ops.CONFIGS.items() if d == want and n not in w4_ops.TRIAL]
     for m in (1, 64, 65, 128, 129, 256, 257, 2048):
         name = w4_ops.choose(m, dtype)
-        d, tile, _, k = w4_ops.CONFIGS[name]
+        d, tile, _, k, _ = w4_ops.CONFIGS[name]
         assert d == want and name not in w4_ops.TRIAL and k == 64
         assert tile == min(t for t in tiles if t >= m) if m <= max(tiles) else name == large, (m, name)
     assert [w4_ops.choose(m, torch.float16) for m in (64, 128, 256, 2048)] == [
@@ -244,8 +253,8 @@ def test_gpu_matches_reference(n, k, group_size, sym, act_order, dtype, m):
 @pytest.mark.gpu
 @hopper
 def test_gpu_every_configuration_matches_reference():
-    assert {name: (d, t, sk, k) for name, d, t, sk, k in w4_ops._build().w4_configs()} == w4_ops.CONFIGS
-    for name, (dtype_id, _, _, _) in w4_ops.CONFIGS.items():
+    assert {name: tuple(rest) for name, *rest in w4_ops._build().w4_configs()} == w4_ops.CONFIGS
+    for name, (dtype_id, *_) in w4_ops.CONFIGS.items():
         dtype = torch.bfloat16 if dtype_id else torch.float16
         layer = make_layer(384, 1024, 4, 128, sym=False, device="cuda")
         p = prepare(*layer, 4, dtype)

@@ -14,13 +14,13 @@
 namespace {
 struct Config {
   const char* name;
-  int dtype, tile_n, stream_k, tile_k;
+  int dtype, tile_n, stream_k, tile_k, cluster;
   cudaError_t (*run)(const GptqLabW4Args*, cudaStream_t);
   size_t (*workspace)(int, int, int, int);
 };
 
-#define GPTQ_LAB_W4_ROW(name, dtype, tile_n, stream_k, tile_k) \
-  {#name, dtype, tile_n, stream_k, tile_k, gptq_lab_w4_##name, gptq_lab_w4_##name##_workspace},
+#define GPTQ_LAB_W4_ROW(name, dtype, tile_n, stream_k, tile_k, cluster) \
+  {#name, dtype, tile_n, stream_k, tile_k, cluster, gptq_lab_w4_##name, gptq_lab_w4_##name##_workspace},
 const Config kConfigs[] = {GPTQ_LAB_W4_CONFIGS(GPTQ_LAB_W4_ROW)};
 
 const Config& find(const std::string& name) {
@@ -34,10 +34,12 @@ void check_aligned(const torch::Tensor& t, const char* what) {
 }
 }  // namespace
 
-// (name, dtype 0 fp16 / 1 bf16, batch rows per tile, stream-K, inputs per k-block) of every build.
-std::vector<std::tuple<std::string, int64_t, int64_t, bool, int64_t>> w4_configs() {
-  std::vector<std::tuple<std::string, int64_t, int64_t, bool, int64_t>> out;
-  for (const Config& c : kConfigs) out.emplace_back(c.name, c.dtype, c.tile_n, c.stream_k != 0, c.tile_k);
+// (name, dtype 0 fp16 / 1 bf16, batch rows per tile, stream-K, inputs per k-block, CTAs per
+// cluster) of every build.
+std::vector<std::tuple<std::string, int64_t, int64_t, bool, int64_t, int64_t>> w4_configs() {
+  std::vector<std::tuple<std::string, int64_t, int64_t, bool, int64_t, int64_t>> out;
+  for (const Config& c : kConfigs)
+    out.emplace_back(c.name, c.dtype, c.tile_n, c.stream_k != 0, c.tile_k, c.cluster);
   return out;
 }
 

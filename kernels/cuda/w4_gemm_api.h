@@ -15,18 +15,19 @@ struct GptqLabW4Args {
 };
 
 // Every compiled configuration: X(name, dtype (0 fp16, 1 bf16), batch rows per tile,
-// stream-K, inputs per k-block). Each has a w4_gemm_<name>.cu that defines it.
-#define GPTQ_LAB_W4_CONFIGS(X) \
-  X(f16_64_sk, 0, 64, 1, 64)      \
-  X(f16_128_sk, 0, 128, 1, 64)    \
-  X(f16_128, 0, 128, 0, 64)       \
-  X(f16_256, 0, 256, 0, 64)       \
-  X(bf16_128_sk, 1, 128, 1, 64)   \
-  X(bf16_256, 1, 256, 0, 64)      \
-  X(f16_256_c2, 0, 256, 0, 64)    \
-  X(f16_256_sk, 0, 256, 1, 64)
+// stream-K, inputs per k-block, CTAs per cluster). Each has a w4_gemm_<name>.cu that defines it
+// with the same values (a CPU test checks).
+#define GPTQ_LAB_W4_CONFIGS(X)        \
+  X(f16_64_sk, 0, 64, 1, 64, 1)       \
+  X(f16_128_sk, 0, 128, 1, 64, 1)     \
+  X(f16_128, 0, 128, 0, 64, 1)        \
+  X(f16_256, 0, 256, 0, 64, 1)        \
+  X(bf16_128_sk, 1, 128, 1, 64, 1)    \
+  X(bf16_256, 1, 256, 0, 64, 1)       \
+  X(f16_256_c2, 0, 256, 0, 64, 2)     \
+  X(f16_256_sk, 0, 256, 1, 64, 1)
 
-#define GPTQ_LAB_W4_DECLARE(name, dtype, tile_n, stream_k, tile_k)                      \
+#define GPTQ_LAB_W4_DECLARE(name, dtype, tile_n, stream_k, tile_k, cluster)             \
   extern "C" cudaError_t gptq_lab_w4_##name(const GptqLabW4Args* a, cudaStream_t s);  \
   extern "C" size_t gptq_lab_w4_##name##_workspace(int M, int N, int K, int group_size);
 GPTQ_LAB_W4_CONFIGS(GPTQ_LAB_W4_DECLARE)
