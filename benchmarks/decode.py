@@ -6,6 +6,7 @@
     python benchmarks/decode.py --tiny --device cpu              # smoke run, seconds
     python benchmarks/decode.py --isolate --paths fast           # one Python process per model
     python benchmarks/decode.py --prefill-only --paths fast      # the prefill figure alone, in seconds
+    python benchmarks/decode.py --prefill-ab 9 --kernels cuda+fuse   # fp16 and int4 prefill, alternated
 
 For each shape (Llama-2-7B: hidden 4096, MLP 11008, 32 layers, 32 heads, vocab 32000; GQA
 Llama-3-8B: MLP 14336, 8 KV heads, vocab 128256) a model with random weights is built on the
@@ -24,7 +25,11 @@ the weights' bytes and the peak allocation. The table goes to stdout and to $OUT
 when OUT is set; progress and phase times go to stderr. ``--isolate`` runs fp16 and each int4
 variant in a child process of its own: on an H100 an int4 model timed after a compiled fp16
 model in the same process decoded ~13% slower with inductor's dependent launch than alone
-(benchmarks/results/decode_7b_fast_pdl_eighth_h100.txt; not understood yet).
+(benchmarks/results/decode_7b_fast_pdl_eighth_h100.txt; not understood yet). ``--prefill-ab N``
+keeps the fp16 model (fake-quantized by RTN: the same shapes and dtype) and one int4 variant in
+memory together and times their fast-path prefill in alternation, N rounds of ``--repeats``
+runs each: the ratio then compares the two under the same clocks (fp16's prefill moved 2.4%
+between two processes on an H100, as much as the int4 routes differed).
 """
 from __future__ import annotations
 
@@ -136,6 +141,42 @@ def run_shape(shape: str, paths: list[str], device: torch.device, settings: Deco
     return rows
 
 
+def prefill_ab(shape: str, device: torch.device, kernel: str, settings: DecodeSettings,
+               rounds: int, workdir: Path, header: str) -> str:
+    """fp16 and the int4 ``kernel`` variant in memory together, their fast-path prefill timed in
+    alternation for ``rounds`` rounds; a table of the rounds and the medians."""
+    s = DecodeSettings(**{**settings.__dict__, "decode": False})
+    key = f"prefill p{s.long_prompt}"
+    log(f"{shape}: building the fp16 model, RTN 4-bit g128, load ({kernel} kernels)")
+    fp16 = random_llama(shape, device)
+    ckpt = workdir / f"{shape}-gptq-4bit-g128"
+    try:
+        make_checkpoint(fp16, ckpt)
+        int4 = load_int4(ckpt, device, kernel)
+    finally:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    label = int4_label(kernel)
+    lines = [header, "", f"| round | fp16 {key} | {label} {key} | {label}/fp16 |", "|---|---|---|---|"]
+    pairs = []
+    for r in range(rounds):
+        a = measure_decode(fp16, "fast", s)[key]
+        b = measure_decode(int4, "fast", s)[key]
+        pairs.append((a, b))
+        log(f"{shape} round {r + 1}/{rounds}: fp16 {a:.0f}, {label} {b:.0f} tokens/s ({b / a:.3f}x)")
+        lines.append(f"| {r + 1} | {a:.0f} | {b:.0f} | {b / a:.3f}x |")
+
+    def median(v):
+        return sorted(v)[len(v) // 2]
+
+    ratios = [b / a for a, b in pairs]
+    lines.append(f"| median | {median([a for a, _ in pairs]):.0f} | {median([b for _, b in pairs]):.0f} | "
+                 f"{median(ratios):.3f}x (min {min(ratios):.3f}x, max {max(ratios):.3f}x) |")
+    lines += ["", (f"tokens/s of a {s.long_prompt}-token prompt at batch 1 (prompt / time to the first "
+                   f"token, median of {s.repeats} runs per round), shape {shape}, fast path uncompiled; "
+                   "fp16 and int4 alternate within each round.")]
+    return "\n".join(lines)
+
+
 def int4_label(kernel: str) -> str:
     """The dtype column of a --kernels variant: "int4", "int4 cuda+fuse"..."""
     return "int4" if kernel == "default" else f"int4 {kernel}"
@@ -218,6 +259,9 @@ def main(argv=None) -> str:
     ap.add_argument("--no-int4", action="store_true", help="only the fp16 rows")
     ap.add_argument("--prefill-only", action="store_true",
                     help="only the prefill figure and memory (no decode step, nothing compiled)")
+    ap.add_argument("--prefill-ab", type=int, metavar="ROUNDS",
+                    help="only the prefill, fp16 and one int4 variant (--kernels) in memory together, "
+                         "timed in alternation for ROUNDS rounds")
     ap.add_argument("--rows-json", help=argparse.SUPPRESS)     # --isolate's children write rows here
     args = ap.parse_args(argv)
     shapes = ["tiny"] if args.tiny else args.shapes.split(",")
@@ -240,6 +284,16 @@ def main(argv=None) -> str:
                                      **({"repeats": args.repeats} if args.repeats else {})})
     device = torch.device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    if args.prefill_ab:
+        if len(shapes) != 1 or len(kernels) != 1 or args.isolate:
+            ap.error("--prefill-ab takes one shape and one --kernels variant, without --isolate")
+        import transformers
+        header = (f"Prefill, fp16 and int4 alternated, on {card}: torch {torch.__version__}, "
+                  f"transformers {transformers.__version__}, GPTQ_LAB_W4={os.environ.get('GPTQ_LAB_W4', '')!r}")
+        with tempfile.TemporaryDirectory(prefix="gptq_lab_decode_") as tmp:
+            text = prefill_ab(shapes[0], device, kernels[0], settings, args.prefill_ab, Path(tmp), header)
+        emit(text, "prefill_ab.txt")
+        return text
     rows = []
     if args.isolate:
         rows = isolated_rows(argv if argv is not None else sys.argv[1:], shapes, kernels,

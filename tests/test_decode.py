@@ -185,6 +185,24 @@ def test_benchmark_isolate_times_each_model_in_its_own_process(monkeypatch, tmp_
     assert "| tiny | all | int4 | failed: its process exited with code -9 |" in text
 
 
+def test_benchmark_prefill_ab_alternates_fp16_and_int4_in_one_process(monkeypatch, tmp_path):
+    bench = load_benchmark("decode", monkeypatch, tmp_path)
+    timed = []
+    real = bench.measure_decode
+    monkeypatch.setattr(bench, "measure_decode",
+                        lambda model, *a, **k: timed.append(type(model.model.layers[0].mlp.up_proj).__name__)
+                        or real(model, *a, **k))
+    text = bench.main(["--tiny", "--device", "cpu", "--prefill-ab", "3"])
+    assert timed == ["Linear", "QuantLinear"] * 3                       # alternated, fp16 first
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")][1:]
+    assert [r[0] for r in rows] == ["| 1", "| 2", "| 3", "| median"]
+    for r in rows[:3]:
+        assert abs(float(r[3].rstrip("x |")) - float(r[2]) / float(r[1])) < 0.01
+    assert (tmp_path / "prefill_ab.txt").read_text() == text + "\n"
+    with pytest.raises(SystemExit):
+        bench.main(["--tiny", "--device", "cpu", "--prefill-ab", "3", "--kernels", "default,cuda"])
+
+
 def test_compile_mode_adds_programmatic_dependent_launch_as_options():
     from gptq_lab.generate import compile_mode
     assert compile_mode("reduce-overhead", False) == {"mode": "reduce-overhead"}
