@@ -39,6 +39,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -164,11 +165,8 @@ def prefill_ab(shape: str, device: torch.device, kernel: str, settings: DecodeSe
         pairs.append((a, b))
         log(f"{shape} round {r + 1}/{rounds}: fp16 {a:.0f}, {label} {b:.0f} tokens/s ({b / a:.3f}x)")
         lines.append(f"| {r + 1} | {a:.0f} | {b:.0f} | {b / a:.3f}x |")
-
-    def median(v):
-        return sorted(v)[len(v) // 2]
-
     ratios = [b / a for a, b in pairs]
+    median = statistics.median
     lines.append(f"| median | {median([a for a, _ in pairs]):.0f} | {median([b for _, b in pairs]):.0f} | "
                  f"{median(ratios):.3f}x (min {min(ratios):.3f}x, max {max(ratios):.3f}x) |")
     lines += ["", (f"tokens/s of a {s.long_prompt}-token prompt at batch 1 (prompt / time to the first "

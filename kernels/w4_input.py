@@ -8,8 +8,8 @@ six-dimensional permute whose innermost run is two elements (4 bytes), which tor
 kernel moves at a fraction of the memory bandwidth (H100, thirteenth session: a whole W4 call
 spent 30-73 us beside its GEMM at M = 2048). Here each program reads a tile of x whole (16-byte
 vector loads), permutes it in registers (``tl.permute``; Triton moves it through shared memory)
-and writes its tile of the result contiguously: one pass over x. With act-order each column is
-gathered through ``perm`` instead (2-byte loads). A first version gathered every column that
+and writes its tile of the result contiguously: one pass over x. With act-order the tile is
+gathered through ``perm`` instead (2-byte loads), then permuted the same way. A first version gathered every column that
 way and took 98 us on the 7B down projection's x at M = 2048 (H100, fifteenth session: three
 times the bandwidth's time, and slower than torch's copy).
 
@@ -34,20 +34,16 @@ def _input_kernel(x_ptr, perm_ptr, out_ptr, m, k, kp, n_perm, stride_xm,
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     live = rows[:, None] < m
-    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
-    if HAS_PERM:
-        # act-order: GEMM column c = 64 q + 16 j + 8 h + 2 t + l reads the layout's input
-        # 64 q + 16 t + 4 j + 2 h + l, which is x's column perm[...]: a gather
-        r = cols % 64
-        phys = cols - r + 16 * ((r // 2) % 4) + 4 * (r // 16) + 2 * ((r // 8) % 2) + r % 2
-        src = tl.load(perm_ptr + phys, mask=phys < n_perm, other=k)
-        val = tl.load(x_rows + src[None, :], mask=live & (src[None, :] < k), other=0.0)
-    else:
-        # x's columns in order (whole 128-byte lines, vector loads), permuted in registers:
-        # input 16 t + 4 j + 2 h + l of each chunk of 64 goes to GEMM column 16 j + 8 h + 2 t + l
-        tile = tl.load(x_rows + cols[None, :], mask=live & (cols[None, :] < k), other=0.0)
-        tile = tl.reshape(tile, (BLOCK_M, BLOCK_C // 64, 4, 4, 2, 2))
-        val = tl.reshape(tl.permute(tile, (0, 1, 3, 4, 2, 5)), (BLOCK_M, BLOCK_C))
+    if HAS_PERM:        # act-order: the layout's input i is x's column perm[i] (2-byte gathers)
+        src = tl.load(perm_ptr + cols, mask=cols < n_perm, other=k)
+    else:               # x's columns in order: whole 128-byte lines, 16-byte vector loads
+        src = cols
+    tile = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + src[None, :],
+                   mask=live & (src[None, :] < k), other=0.0)
+    # in registers: input 16 t + 4 j + 2 h + l of each chunk of 64 goes to GEMM column
+    # 16 j + 8 h + 2 t + l (Triton moves the permute through shared memory)
+    tile = tl.reshape(tile, (BLOCK_M, BLOCK_C // 64, 4, 4, 2, 2))
+    val = tl.reshape(tl.permute(tile, (0, 1, 3, 4, 2, 5)), (BLOCK_M, BLOCK_C))
     tl.store(out_ptr + rows[:, None].to(tl.int64) * kp + cols[None, :], val,
              mask=live & (cols[None, :] < kp))
 

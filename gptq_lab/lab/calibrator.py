@@ -142,9 +142,8 @@ class Calibrator:
             cached = load_hessians(path)
             if all(n in cached[2] for n in cached[0]):      # a cache from before means: collect anew
                 return self._store(held, *cached)
-            if progress is not False:
-                self._say(f"{path.name} was written before mean inputs were kept: "
-                          "collecting again")
+            if progress is True:                            # as the message below: a callback prints nothing
+                self._say(f"{path.name} was written before mean inputs were kept: collecting again")
         if progress is True:
             self._say(f"collecting Hessians of {self.ids.shape[0]} x {self.ids.shape[1]} tokens; "
                       f"memory {self.memory_estimate}")
