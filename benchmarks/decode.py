@@ -7,6 +7,7 @@
     python benchmarks/decode.py --isolate --paths fast           # one Python process per model
     python benchmarks/decode.py --prefill-only --paths fast      # the prefill figure alone, in seconds
     python benchmarks/decode.py --prefill-ab 9 --kernels cuda+fuse   # fp16 and int4 prefill, alternated
+    python benchmarks/decode.py --prefill-ab 9 --kernels cuda+fuse --w4-ab   # and int4 with W4 off/on
 
 For each shape (Llama-2-7B: hidden 4096, MLP 11008, 32 layers, 32 heads, vocab 32000; GQA
 Llama-3-8B: MLP 14336, 8 KV heads, vocab 128256) a model with random weights is built on the
@@ -29,11 +30,13 @@ model in the same process decoded ~13% slower with inductor's dependent launch t
 keeps the fp16 model (fake-quantized by RTN: the same shapes and dtype) and one int4 variant in
 memory together and times their fast-path prefill in alternation, N rounds of ``--repeats``
 runs each: the ratio then compares the two under the same clocks (fp16's prefill moved 2.4%
-between two processes on an H100, as much as the int4 routes differed).
+between two processes on an H100, as much as the int4 routes differed); ``--w4-ab`` adds the
+int4 model a second time per round, the W4 GEMM off then on (``GPTQ_LAB_W4``).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -142,10 +145,27 @@ def run_shape(shape: str, paths: list[str], device: torch.device, settings: Deco
     return rows
 
 
+@contextlib.contextmanager
+def w4_setting(value: str | None):
+    """``GPTQ_LAB_W4=value`` inside the block (None: left as it is), restored after it."""
+    saved = os.environ.get("GPTQ_LAB_W4")
+    if value is not None:
+        os.environ["GPTQ_LAB_W4"] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("GPTQ_LAB_W4", None)
+        else:
+            os.environ["GPTQ_LAB_W4"] = saved
+
+
 def prefill_ab(shape: str, device: torch.device, kernel: str, settings: DecodeSettings,
-               rounds: int, workdir: Path, header: str) -> str:
+               rounds: int, workdir: Path, header: str, w4_ab: bool = False) -> str:
     """fp16 and the int4 ``kernel`` variant in memory together, their fast-path prefill timed in
-    alternation for ``rounds`` rounds; a table of the rounds and the medians."""
+    alternation for ``rounds`` rounds; a table of the rounds and the medians. ``w4_ab`` times
+    the int4 model twice per round, with ``GPTQ_LAB_W4`` 0 then 1 (the W4 GEMM off and on; the
+    prefill runs uncompiled, so each call reads the setting)."""
     s = DecodeSettings(**{**settings.__dict__, "decode": False})
     key = f"prefill p{s.long_prompt}"
     log(f"{shape}: building the fp16 model, RTN 4-bit g128, load ({kernel} kernels)")
@@ -157,18 +177,29 @@ def prefill_ab(shape: str, device: torch.device, kernel: str, settings: DecodeSe
     finally:
         shutil.rmtree(ckpt, ignore_errors=True)
     label = int4_label(kernel)
-    lines = [header, "", f"| round | fp16 {key} | {label} {key} | {label}/fp16 |", "|---|---|---|---|"]
-    pairs = []
+    variants = ([(f"{label} W4=0", int4, "0"), (f"{label} W4=1", int4, "1")] if w4_ab
+                else [(label, int4, None)])
+    names = [name for name, _, _ in variants]
+    lines = [header, "", "| round | fp16 " + " | ".join([key, *(f"{n} {key}" for n in names),
+                                                        *(f"{n}/fp16" for n in names)]) + " |",
+             "|---" * (2 + 2 * len(variants)) + "|"]
+    rows = []
     for r in range(rounds):
-        a = measure_decode(fp16, "fast", s)[key]
-        b = measure_decode(int4, "fast", s)[key]
-        pairs.append((a, b))
-        log(f"{shape} round {r + 1}/{rounds}: fp16 {a:.0f}, {label} {b:.0f} tokens/s ({b / a:.3f}x)")
-        lines.append(f"| {r + 1} | {a:.0f} | {b:.0f} | {b / a:.3f}x |")
-    ratios = [b / a for a, b in pairs]
+        row = [measure_decode(fp16, "fast", s)[key]]
+        for _, model, w4 in variants:
+            with w4_setting(w4):
+                row.append(measure_decode(model, "fast", s)[key])
+        rows.append(row)
+        log(f"{shape} round {r + 1}/{rounds}: fp16 {row[0]:.0f}, " + ", ".join(
+            f"{n} {b:.0f} ({b / row[0]:.3f}x)" for n, b in zip(names, row[1:])) + " tokens/s")
+        lines.append(f"| {r + 1} | " + " | ".join([*(f"{v:.0f}" for v in row),
+                                                  *(f"{b / row[0]:.3f}x" for b in row[1:])]) + " |")
     median = statistics.median
-    lines.append(f"| median | {median([a for a, _ in pairs]):.0f} | {median([b for _, b in pairs]):.0f} | "
-                 f"{median(ratios):.3f}x (min {min(ratios):.3f}x, max {max(ratios):.3f}x) |")
+    cells = [f"{median(col):.0f}" for col in zip(*rows)]
+    for i in range(1, len(variants) + 1):
+        ratios = [row[i] / row[0] for row in rows]
+        cells.append(f"{median(ratios):.3f}x (min {min(ratios):.3f}x, max {max(ratios):.3f}x)")
+    lines.append("| median | " + " | ".join(cells) + " |")
     lines += ["", (f"tokens/s of a {s.long_prompt}-token prompt at batch 1 (prompt / time to the first "
                    f"token, median of {s.repeats} runs per round), shape {shape}, fast path uncompiled; "
                    "fp16 and int4 alternate within each round.")]
@@ -260,6 +291,9 @@ def main(argv=None) -> str:
     ap.add_argument("--prefill-ab", type=int, metavar="ROUNDS",
                     help="only the prefill, fp16 and one int4 variant (--kernels) in memory together, "
                          "timed in alternation for ROUNDS rounds")
+    ap.add_argument("--w4-ab", action="store_true",
+                    help="with --prefill-ab: time the int4 model with the W4 GEMM off and on "
+                         "(GPTQ_LAB_W4=0, then 1) in each round")
     ap.add_argument("--rows-json", help=argparse.SUPPRESS)     # --isolate's children write rows here
     args = ap.parse_args(argv)
     shapes = ["tiny"] if args.tiny else args.shapes.split(",")
@@ -285,11 +319,14 @@ def main(argv=None) -> str:
     if args.prefill_ab:
         if len(shapes) != 1 or len(kernels) != 1 or args.isolate:
             ap.error("--prefill-ab takes one shape and one --kernels variant, without --isolate")
+        if args.w4_ab and not kernels[0].startswith("cuda"):
+            ap.error("--w4-ab needs a cuda --kernels variant (the W4 GEMM serves cuda_decode layers)")
         import transformers
         header = (f"Prefill, fp16 and int4 alternated, on {card}: torch {torch.__version__}, "
                   f"transformers {transformers.__version__}, GPTQ_LAB_W4={os.environ.get('GPTQ_LAB_W4', '')!r}")
         with tempfile.TemporaryDirectory(prefix="gptq_lab_decode_") as tmp:
-            text = prefill_ab(shapes[0], device, kernels[0], settings, args.prefill_ab, Path(tmp), header)
+            text = prefill_ab(shapes[0], device, kernels[0], settings, args.prefill_ab, Path(tmp), header,
+                              w4_ab=args.w4_ab)
         emit(text, "prefill_ab.txt")
         return text
     rows = []

@@ -203,6 +203,28 @@ def test_benchmark_prefill_ab_alternates_fp16_and_int4_in_one_process(monkeypatc
         bench.main(["--tiny", "--device", "cpu", "--prefill-ab", "3", "--kernels", "default,cuda"])
 
 
+def test_benchmark_prefill_ab_with_w4_off_and_on(monkeypatch, tmp_path):
+    bench = load_benchmark("decode", monkeypatch, tmp_path)
+    monkeypatch.setenv("GPTQ_LAB_W4", "keep")
+    timed = []
+    real = bench.measure_decode
+    monkeypatch.setattr(bench, "measure_decode", lambda model, *a, **k: timed.append(
+        (type(model.model.layers[0].mlp.up_proj).__name__, bench.os.environ.get("GPTQ_LAB_W4")))
+        or real(model, *a, **k))
+    text = bench.main(["--tiny", "--device", "cpu", "--prefill-ab", "2", "--kernels", "cuda", "--w4-ab"])
+    fp16 = ("Linear", "keep")
+    assert timed == [fp16, ("QuantLinear", "0"), ("QuantLinear", "1")] * 2
+    assert bench.os.environ["GPTQ_LAB_W4"] == "keep"                      # restored
+    head, *rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    assert head[2:4] == ["int4 cuda W4=0 prefill p16", "int4 cuda W4=1 prefill p16"]
+    assert [r[0] for r in rows] == ["| 1", "| 2", "| median"]
+    for r in rows[:2]:
+        assert abs(float(r[4].rstrip("x")) - float(r[2]) / float(r[1])) < 0.01
+        assert abs(float(r[5].rstrip("x |")) - float(r[3]) / float(r[1])) < 0.01
+    with pytest.raises(SystemExit):          # the W4 GEMM serves cuda_decode layers only
+        bench.main(["--tiny", "--device", "cpu", "--prefill-ab", "2", "--w4-ab"])
+
+
 def test_compile_mode_adds_programmatic_dependent_launch_as_options():
     from gptq_lab.generate import compile_mode
     assert compile_mode("reduce-overhead", False) == {"mode": "reduce-overhead"}
