@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The GPU measurements the open kernel issues wait for, on a bare GPU machine that has torch,
+# triton, transformers and nvcc but no network (the lent H100/H200 machines).
+#
+#   benchmarks/gpu_checks.sh                       # every step below, in order
+#   benchmarks/gpu_checks.sh w4-input prefill-ab   # some of them
+#
+# Before: `python3 -m pip download --no-deps nvidia-cutlass==4.2.0.0 -d .whl` where there is a
+# network (CUTLASS's headers for the W4 GEMM; .whl/ is git-ignored, carry it to the machine).
+# Each step writes $OUT/<step>.txt (OUT defaults to ./out) headed by the card, the versions and
+# the commit, and has its own time limit, so one slow step cannot take the others' time. The
+# first W4 step builds the GEMM (about 2 minutes on 16 cores); later steps reuse the build.
+#
+# Steps:
+#   tests        the GPU tests (pytest -m gpu): every kernel against the torch reference
+#   w4-input     x's permuted copy for the W4 GEMM alone, Triton against torch (no GEMM build)
+#   w4-block     one 7B block at M = 2048: fp16, dequantize + cuBLAS, the W4 GEMM's whole call
+#   prefill-ab   7B prefill of 2048 tokens: fp16, int4 with the W4 GEMM off and on, alternated
+#   decode-8b    the GQA Llama-3-8B shape end to end, each model in its own process
+#   kernels      the kernels table of issues #6 and #7 (every backend, batches 1-256)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ALL=(tests w4-input w4-block prefill-ab decode-8b kernels)
+STEPS=("$@")
+[ ${#STEPS[@]} -gt 0 ] || STEPS=("${ALL[@]}")
+for s in "${STEPS[@]}"; do
+  [[ " ${ALL[*]} " == *" $s "* ]] || { echo "unknown step $s; the steps are: ${ALL[*]}" >&2; exit 2; }
+done
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+case $PY in /*) ;; */*) PY=$PWD/$PY ;; esac          # the steps run from benchmarks/
+
+if ! "$PY" -c "import gptq_lab" 2>/dev/null; then
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --target /tmp/gptq_lab_site .whl/*.whl
+    export PYTHONPATH=/tmp/gptq_lab_site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  "$PY" -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+fi
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/build/ext}
+
+header() {
+  "$PY" - <<'EOF'
+import subprocess, torch, triton
+card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+print(f"# {card} | torch {torch.__version__} | triton {triton.__version__} | commit {commit or '?'}")
+EOF
+}
+
+# step NAME LIMIT_SECONDS COMMAND...: run it from benchmarks/ into $OUT/NAME.txt
+step() {
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s): $*" >&2
+  { header; echo "# $*"; } >"$OUT/$name.txt"
+  local t0=$SECONDS
+  (cd benchmarks && timeout "$limit" "$@") >>"$OUT/$name.txt" 2>&1
+  local rc=$?
+  echo "# exit $rc after $((SECONDS - t0)) s" >>"$OUT/$name.txt"
+  tail -n 15 "$OUT/$name.txt" >&2
+}
+
+run() {
+  case $1 in
+    tests) step tests 900 "$PY" -m pytest -q -o addopts="" -m gpu ../tests ;;
+    w4-input) step w4-input 300 "$PY" w4_gemm.py --input 2048 ;;
+    w4-block) step w4-block 600 "$PY" w4_gemm.py --shapes "" --prefill-m 2048 ;;
+    prefill-ab) step prefill-ab 600 "$PY" decode.py --prefill-ab 9 --shapes 7b --kernels cuda+fuse --w4-ab ;;
+    decode-8b) step decode-8b 900 "$PY" decode.py --isolate --shapes 8b --paths fast --kernels cuda+fuse --batches none ;;
+    kernels) step kernels 900 "$PY" kernel_speed.py ;;
+  esac
+}
+
+for s in "${STEPS[@]}"; do run "$s"; done
+echo "results in $OUT" >&2
