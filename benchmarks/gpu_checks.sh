@@ -13,14 +13,17 @@
 #
 # Steps:
 #   tests        the GPU tests (pytest -m gpu): every kernel against the torch reference
+#   gluon        the trial Gluon kernel (kernels/gluon_mma.py) against fp16, Triton and the CUDA
+#                kernel at 1-64 rows on three shapes (a few minutes; the full table is `kernels`)
 #   w4-input     x's permuted copy for the W4 GEMM alone, Triton against torch (no GEMM build)
 #   w4-block     one 7B block at M = 2048: fp16, dequantize + cuBLAS, the W4 GEMM's whole call
 #   prefill-ab   7B prefill of 2048 tokens: fp16, int4 with the W4 GEMM off and on, alternated
 #   decode-8b    the GQA Llama-3-8B shape end to end, each model in its own process
-#   kernels      the kernels table of issues #6 and #7 (every backend, batches 1-256)
+#   kernels      the kernels table of issues #6 and #7 (every backend and the Gluon kernel,
+#                batches 1-256)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ALL=(tests w4-input w4-block prefill-ab decode-8b kernels)
+ALL=(tests gluon w4-input w4-block prefill-ab decode-8b kernels)
 STEPS=("$@")
 [ ${#STEPS[@]} -gt 0 ] || STEPS=("${ALL[@]}")
 for s in "${STEPS[@]}"; do
@@ -66,11 +69,12 @@ step() {
 run() {
   case $1 in
     tests) step tests 900 "$PY" -m pytest -q -o addopts="" -m gpu ../tests ;;
+    gluon) step gluon 600 "$PY" kernel_speed.py --gluon --shapes 4096x4096,8192x8192,8192x28672 --batches 1,8,16,32,64 ;;
     w4-input) step w4-input 300 "$PY" w4_gemm.py --input 2048 ;;
     w4-block) step w4-block 600 "$PY" w4_gemm.py --shapes "" --prefill-m 2048 ;;
     prefill-ab) step prefill-ab 600 "$PY" decode.py --prefill-ab 9 --shapes 7b --kernels cuda+fuse --w4-ab ;;
     decode-8b) step decode-8b 900 "$PY" decode.py --isolate --shapes 8b --paths fast --kernels cuda+fuse --batches none ;;
-    kernels) step kernels 900 "$PY" kernel_speed.py ;;
+    kernels) step kernels 900 "$PY" kernel_speed.py --gluon ;;
   esac
 }
 

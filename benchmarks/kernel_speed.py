@@ -130,16 +130,17 @@ def host_us(fn, n: int = 200) -> float:
     return elapsed / n * 1e6
 
 
-def run(shapes, batches, act_order: bool, with_cuda: bool = True) -> list[dict]:
+def run(shapes, batches, act_order: bool, with_cuda: bool = True, with_gluon: bool = False) -> list[dict]:
     rows = []
     for shape in shapes:
         k, n = map(int, shape.split("x"))
-        rows += bench_shape(k, n, batches, act_order, with_cuda)
+        rows += bench_shape(k, n, batches, act_order, with_cuda, with_gluon)
         torch.cuda.empty_cache()
     return rows
 
 
-def bench_shape(k: int, n: int, batches, act_order: bool, with_cuda: bool = True) -> list[dict]:
+def bench_shape(k: int, n: int, batches, act_order: bool, with_cuda: bool = True,
+                with_gluon: bool = False) -> list[dict]:
     """All batch sizes for one K x N layer (the weights live only in this call)."""
     from gptq_lab.kernels import triton_tune
     from gptq_lab.kernels.triton_gemm import matmul
@@ -156,7 +157,12 @@ def bench_shape(k: int, n: int, batches, act_order: bool, with_cuda: bool = True
     if with_cuda:
         from gptq_lab.kernels import cuda_ops, cuda_pack
         p_cuda = cuda_pack.prepare(*layer, 4, torch.float16)
-    rot = _copies(k, n, w16, p, (packed, sz), p_cuda) if TIMING["mode"] == "rotate" else None
+    p_gluon = None
+    if with_gluon:
+        from gptq_lab.kernels import gluon_mma
+        p_gluon = gluon_mma.prepare(p)
+    rot = (_copies(k, n, w16, p, (packed, sz), p_cuda, p_gluon) if TIMING["mode"] == "rotate"
+           else None)
     w_ref = _dequant_sym(layer)                                                  # [K, N] fp32
     groups, rows = k // 128, []
     for m in batches:
@@ -196,20 +202,42 @@ def bench_shape(k: int, n: int, batches, act_order: bool, with_cuda: bool = True
                                  rot and [lambda q=c["cuda"]: cuda_ops.matmul(x16, q) for c in rot])  # noqa: B023
             r["cuda_bytes"] = k * n // 2 + 4 * groups * n + io
             r["cuda_rel_err"] = rel_err(y_cuda, ref)
+        if p_gluon is not None and m <= gluon_mma.MAX_M:
+            split, r["gluon_splits"] = gluon_split(x16, p_gluon)
+            r["gluon_split"] = split
+            r["gluon_us"] = bench(lambda: gluon_mma.matmul(x16, p_gluon, split),             # noqa: B023
+                                  rot and [lambda q=c["gluon"]: gluon_mma.matmul(x16, q, split)  # noqa: B023
+                                           for c in rot])
+            r["gluon_bytes"] = r["ours_bytes"]
+            r["gluon_rel_err"] = rel_err(gluon_mma.matmul(x16, p_gluon, split), ref)
         rows.append(r)
         print(_row_line(r), flush=True)
     return rows
 
 
-def _copies(k: int, n: int, w16, p, int4pack_pair, p_cuda) -> list[dict]:
+def gluon_split(x, g) -> tuple[int, dict]:
+    """The Gluon kernel's K split for x, timed (L2 flushed) over 1, 2, 4, ... while every split
+    keeps at least two tiles: -> (fastest, {split: microseconds})."""
+    from gptq_lab.kernels import gluon_mma
+    from gptq_lab.kernels.triton_tune import gpu_time
+    tiles = -(-x.shape[1] // gluon_mma.BK)
+    times = {s: gpu_time(lambda s=s: gluon_mma.matmul(x, g, s)) * 1e3
+             for s in (1, 2, 4, 8, 16, 32) if s == 1 or tiles // s >= 2}
+    return min(times, key=times.get), {s: round(t, 2) for s, t in times.items()}
+
+
+def _copies(k: int, n: int, w16, p, int4pack_pair, p_cuda, p_gluon=None) -> list[dict]:
     """The layer and R - 1 more random copies, in each kernel's layout (for "rotate" timing)."""
-    from gptq_lab.kernels import cuda_pack
+    from gptq_lab.kernels import cuda_pack, gluon_mma
     from gptq_lab.kernels.triton_pack import prepare
-    copies = [{"w16": w16, "triton": p, "int4pack": int4pack_pair, "cuda": p_cuda}]
+    copies = [{"w16": w16, "triton": p, "int4pack": int4pack_pair, "cuda": p_cuda,
+               "gluon": p_gluon}]
     for _ in range(copies_for(k * n // 2) - 1):
         layer = gptq_layer(k, n)
-        copies.append({"triton": prepare(*layer, 4), "int4pack": int4pack(k, n),
-                       "cuda": p_cuda and cuda_pack.prepare(*layer, 4, torch.float16)})
+        pt = prepare(*layer, 4)
+        copies.append({"triton": pt, "int4pack": int4pack(k, n),
+                       "cuda": p_cuda and cuda_pack.prepare(*layer, 4, torch.float16),
+                       "gluon": p_gluon and gluon_mma.prepare(pt)})
     for c in copies[1:copies_for(2 * k * n)]:
         c["w16"] = torch.randn(k, n, device="cuda", dtype=torch.float16)
     return copies
@@ -226,6 +254,9 @@ def _row_line(r):
             f"x{r['fp16_us'] / r['ours_us']:.2f}  err {r['rel_err']:.1e}"
             + (f"  cuda {r['cuda_us']:8.1f} us x{r['fp16_us'] / r['cuda_us']:.2f} "
                f"err {r['cuda_rel_err']:.1e}" if "cuda_us" in r else "")
+            + (f"  gluon {r['gluon_us']:8.1f} us x{r['fp16_us'] / r['gluon_us']:.2f} "
+               f"err {r['gluon_rel_err']:.1e} split {r['gluon_split']} {r['gluon_splits']}"
+               if "gluon_us" in r else "")
             + f"  {r['config']}")
 
 
@@ -238,7 +269,8 @@ def table(rows, card: str, peak: float, copy_gbs: float) -> str:
             "Ours: int4 g128 sym fp16; int4pack: torch _weight_int4pack_mm bf16 g128; "
             "fp16: torch.matmul [M,K]@[K,N].\n\n")
     kernels = ("fp16", "int4pack", "ours") + (("cuda",) if all("cuda_us" in r for r in rows)
-                                               else ())
+                                               else ()) + (("gluon",) if any("gluon_us" in r for r in rows)
+                                                           else ())
     cols = ["K x N", "M"]
     for name in kernels:
         cols += [f"{name} us", f"{name} GB/s", f"{name} %BW", f"{name} speedup"]
@@ -250,6 +282,9 @@ def table(rows, card: str, peak: float, copy_gbs: float) -> str:
     for r in rows:
         cells = [r["shape"], str(r["M"])]
         for name in kernels:
+            if f"{name}_us" not in r:                 # the Gluon kernel stops at 64 rows
+                cells += ["-"] * 4
+                continue
             us = r[f"{name}_us"]
             gbs = r[f"{name}_bytes"] / us / 1e3
             speedup = r["fp16_us"] / us
@@ -261,14 +296,17 @@ def table(rows, card: str, peak: float, copy_gbs: float) -> str:
     text = head + "\n".join(lines) + "\n\nTriton (issue #6):\n" + targets(rows)
     if "cuda" in kernels:
         text += "\nCUDA decode kernel (issue #7):\n" + cuda_targets(rows, peak)
+    if "gluon" in kernels:
+        text += ("\nGluon kernel (trial, issue #6's targets up to 64 rows):\n"
+                 + targets([r for r in rows if "gluon_us" in r], "gluon"))
     return text
 
 
-def targets(rows) -> str:
-    """The issue's targets, each with its verdict."""
+def targets(rows, name: str = "ours") -> str:
+    """Issue #6's targets for kernel ``name`` ("ours": Triton), each with its verdict."""
     out = []
-    sp = {(r["shape"], r["M"]): r["fp16_us"] / r["ours_us"] for r in rows}
-    vs = {(r["shape"], r["M"]): r["int4pack_us"] / r["ours_us"] for r in rows}
+    sp = {(r["shape"], r["M"]): r["fp16_us"] / r[f"{name}_us"] for r in rows}
+    vs = {(r["shape"], r["M"]): r["int4pack_us"] / r[f"{name}_us"] for r in rows}
     for shape in ("8192x8192", "8192x28672"):
         if (shape, 1) in sp:
             out.append(f"batch 1 {shape}: {sp[shape, 1]:.2f}x fp16 (target >= 3.0x)")
@@ -355,6 +393,9 @@ def main(argv=None):
     ap.add_argument("--act-order", action="store_true", help="also time an act-order layer")
     ap.add_argument("--out", help="write the table here (and the raw rows to OUT.json)")
     ap.add_argument("--no-cuda", action="store_true", help="leave out the CUDA decode kernel")
+    ap.add_argument("--gluon", action="store_true",
+                    help="add the trial Gluon kernel (kernels/gluon_mma.py) up to 64 rows, its K "
+                         "split chosen by timing")
     ap.add_argument("--cuda-slab-max", type=int, default=None,
                     help="cuda column: rows up to which the decode kernel runs (default "
                          "cuda_ops.MAX_SLAB_M; dequantize + cuBLAS above), to find the crossover")
@@ -371,8 +412,12 @@ def main(argv=None):
         cuda_ops.MAX_SLAB_M = args.cuda_slab_max
     card = torch.cuda.get_device_name()
     peak, copy_gbs = peak_bandwidth(card), copy_bandwidth()
+    if args.gluon:
+        from gptq_lab.kernels import gluon_mma
+        if gluon_mma.unavailable():
+            raise SystemExit(f"--gluon: {gluon_mma.unavailable()}")
     rows = run(args.shapes.split(","), [int(b) for b in args.batches.split(",")], args.act_order,
-               not args.no_cuda)
+               not args.no_cuda, args.gluon)
     text = table(rows, card, peak, copy_gbs)
     print(text)
     if args.out:

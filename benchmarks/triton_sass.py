@@ -4,6 +4,7 @@ spills, and whether the wgmma pipeline is serialized, per tuner candidate.
     python benchmarks/triton_sass.py --m 256                      # the tuner's M=256 candidates
     python benchmarks/triton_sass.py --m 16 --k 4096 --n 11008
     python benchmarks/triton_sass.py --config 128,64,128,4,3      # one tile: bm,bn,bk,warps,stages
+    python benchmarks/triton_sass.py --gluon                      # the trial Gluon kernel
 
 Each configuration is compiled for sm_90a by Triton (as on an H100, with the 16-byte alignment
 the runtime sees) and its PTX assembled again by the ptxas Triton ships, whose ``-v`` log says
@@ -13,7 +14,8 @@ them ("WARPGROUP.DEPBAR.LE gsb0, 0x0"), loop waits = those inside the K loop (no
 wgmmas stay in flight while the next tile is dequantized), serialized = that warning. A
 serialized loop cannot overlap its dequantization with the tensor cores, so such tiles only
 compete through occupancy (other blocks on the SM).
-This is a screen, not a timing: ``benchmarks/kernel_speed.py`` on a GPU has the last word.
+``--gluon`` reports the Gluon kernel (``kernels/gluon_mma.py``) per batch tile: its K loop's
+SASS instructions per weight, by kind. This is a screen, not a timing: ``benchmarks/kernel_speed.py`` on a GPU has the last word.
 """
 from __future__ import annotations
 
@@ -50,6 +52,15 @@ def inspect(cfg, bits: int = 4, zero: int = 8) -> dict:
              if a.endswith("_ptr") or a in ALIGNED_INTS}
     kernel = triton.compile(ASTSource(_gemm_kernel, signature, constexprs=meta, attrs=attrs),
                             target=GPUTarget("cuda", 90, 128), options=options)
+    stats = sass_stats(kernel)
+    return {k: stats[k] for k in ("regs", "smem", "spill bytes", "HGMMA", "waits", "loop waits",
+                                  "serialized")}
+
+
+def sass_stats(kernel) -> dict:
+    """Assemble a compiled kernel's PTX for sm_90a with Triton's ptxas and read its SASS:
+    registers, shared memory, spills, wgmma figures, and the instructions of the longest loop
+    (the K loop) by opcode."""
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
         ptx.write_text(kernel.asm["ptx"])
@@ -57,19 +68,58 @@ def inspect(cfg, bits: int = 4, zero: int = 8) -> dict:
                              capture_output=True, text=True, check=True).stderr
         sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True,
                               text=True, check=True).stdout
-    loop_waits = 0
+    loop_waits, loop = 0, []
     code = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    for address, text in code:                       # a backward branch closes the K loop
+    for address, text in code:                       # a backward branch closes a loop
         target = re.search(r"BRA 0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < address:
             start = int(target.group(1), 16)
-            loop_waits = sum("WARPGROUP.DEPBAR.LE gsb0, 0x0" in t for a, t in code if start <= a <= address)
+            body = [t for a, t in code if start <= a <= address]
+            loop_waits = sum("WARPGROUP.DEPBAR.LE gsb0, 0x0" in t for t in body)
+            loop = max(loop, body, key=len)
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores", log)
+    ops: dict[str, int] = {}
+    for text in loop:
+        op = re.sub(r"^@!?U?P\w+\s+", "", text.strip()).split(" ")[0].split(".")[0]
+        ops[op] = ops.get(op, 0) + 1
     return {"regs": int(regs.group(1)) if regs else -1, "smem": kernel.metadata.shared,
             "spill bytes": int(spills.group(1)) if spills else 0, "HGMMA": sass.count("HGMMA"),
             "waits": sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0"), "loop waits": loop_waits,
-            "serialized": "C7515" in log}
+            "serialized": "C7515" in log, "loop": len(loop), "loop ops": ops}
+
+
+def gluon_report() -> str:
+    """The trial Gluon kernel (kernels/gluon_mma.py) per batch tile: registers, spills, shared
+    memory and its K loop's SASS per weight (each thread handles BN * BK / (32 * NW) weights per
+    iteration)."""
+    import triton
+    from gptq_lab.kernels import gluon_mma as gm
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    kernel = gm._kernel()
+    lines = [("| rows (BM) | dtype | regs | spill bytes | smem | K loop instructions | per weight | "
+              "HMMA | LOP3 | half2 math | IMAD, MOV, PRMT |"), "|---" * 11 + "|"]
+    per_thread = gm.BN * gm.BK // (32 * gm.NW)
+    for bm in (8, 16, 32, 64):
+        for bf16 in (False, True):
+            consts = {"ZERO": 8, "BF16": bf16, "ATOMIC": True, "BM": bm, "NW": gm.NW, "BK": gm.BK}
+            args = [a for a in kernel.arg_names if a not in consts]
+            dt = "bf16" if bf16 else "fp16"
+            signature = {a: ("*i32" if a == "q_ptr" else f"*{dt}") if a.endswith("_ptr") else "i32"
+                         for a in args} | dict.fromkeys(consts, "constexpr")
+            attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(args)
+                     if a.endswith("_ptr") or a in ALIGNED_INTS | {"K"}}
+            compiled = triton.compile(GluonASTSource(kernel, signature, constexprs=consts, attrs=attrs),
+                                      target=GPUTarget("cuda", 90, 32), options={"num_warps": gm.NW})
+            r = sass_stats(compiled)
+            ops = r["loop ops"]
+            half2 = sum(ops.get(o, 0) for o in ("HADD2", "HFMA2", "HMUL2"))
+            moves = sum(ops.get(o, 0) for o in ("MOV", "IMAD", "PRMT"))
+            lines.append(f"| {bm} | {dt} | {r['regs']} | {r['spill bytes']} | {r['smem']} | {r['loop']} | "
+                         f"{r['loop'] / per_thread:.2f} | {ops.get('HMMA', 0)} | {ops.get('LOP3', 0)} | "
+                         f"{half2} | {moves} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -81,7 +131,11 @@ def main(argv=None) -> None:
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--config", help="bm,bn,bk,warps,stages[,swap,deq] instead of the candidates")
+    ap.add_argument("--gluon", action="store_true", help="the trial Gluon kernel instead")
     args = ap.parse_args(argv)
+    if args.gluon:
+        print(gluon_report())
+        return
     if args.config:
         v = [int(s) for s in args.config.split(",")]
         configs = [KernelConfig("gemm", *v[:3], deq_first=bool(v[6]) if len(v) > 6 else True,
