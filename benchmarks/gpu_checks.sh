@@ -9,7 +9,10 @@
 # network (CUTLASS's headers for the W4 GEMM; .whl/ is git-ignored, carry it to the machine).
 # Each step writes $OUT/<step>.txt (OUT defaults to ./out) headed by the card, the versions and
 # the commit, and has its own time limit, so one slow step cannot take the others' time. The
-# first W4 step builds the GEMM (about 2 minutes on 16 cores); later steps reuse the build.
+# first W4 step builds the GEMM (about 2 minutes on 16 cores); later steps reuse the build
+# (under build/, which a warm machine keeps between calls). Every step's limit fits one 10-minute
+# device call: run them in groups, e.g. `tests`, then `gluon w4-input w4-block`, then
+# `prefill-ab`, `decode-8b` and `kernels` one call each.
 #
 # Steps:
 #   tests        the GPU tests (pytest -m gpu): every kernel against the torch reference
@@ -68,13 +71,13 @@ step() {
 
 run() {
   case $1 in
-    tests) step tests 900 "$PY" -m pytest -q -o addopts="" -m gpu ../tests ;;
-    gluon) step gluon 600 "$PY" kernel_speed.py --gluon --shapes 4096x4096,8192x8192,8192x28672 --batches 1,8,16,32,64 ;;
-    w4-input) step w4-input 300 "$PY" w4_gemm.py --input 2048 ;;
-    w4-block) step w4-block 600 "$PY" w4_gemm.py --shapes "" --prefill-m 2048 ;;
-    prefill-ab) step prefill-ab 600 "$PY" decode.py --prefill-ab 9 --shapes 7b --kernels cuda+fuse --w4-ab ;;
-    decode-8b) step decode-8b 900 "$PY" decode.py --isolate --shapes 8b --paths fast --kernels cuda+fuse --batches none ;;
-    kernels) step kernels 900 "$PY" kernel_speed.py --gluon ;;
+    tests) step tests 560 "$PY" -m pytest -q -o addopts="" -m gpu ../tests ;;
+    gluon) step gluon 400 "$PY" kernel_speed.py --gluon --shapes 4096x4096,8192x8192,8192x28672 --batches 1,8,16,32,64 ;;
+    w4-input) step w4-input 200 "$PY" w4_gemm.py --input 2048 ;;
+    w4-block) step w4-block 400 "$PY" w4_gemm.py --shapes "" --prefill-m 2048 ;;
+    prefill-ab) step prefill-ab 560 "$PY" decode.py --prefill-ab 9 --shapes 7b --kernels cuda+fuse --w4-ab ;;
+    decode-8b) step decode-8b 560 "$PY" decode.py --isolate --shapes 8b --paths fast --kernels cuda+fuse --batches none ;;
+    kernels) step kernels 560 "$PY" kernel_speed.py --gluon ;;
   esac
 }
 
