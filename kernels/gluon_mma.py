@@ -281,6 +281,9 @@ def matmul(x: torch.Tensor, g: PreparedGluon, split_k: int = 1) -> torch.Tensor:
         raise ValueError(f"x must be float16 or bfloat16, got {x.dtype}")
     if not 1 <= x.shape[0] <= MAX_M:
         raise ValueError(f"the Gluon kernel takes 1 to {MAX_M} rows, got {x.shape[0]}")
+    if not x.is_cuda or g.qweight.device != x.device:
+        raise ValueError(f"the Gluon kernel runs on a CUDA GPU with the layer on x's device; x is "
+                         f"on {x.device}, the layer on {g.qweight.device}")
     xk = permute_input(x, p).contiguous()
     grid, args, consts, out = launch_args(xk, g, split_k)
     _kernel()[grid](*args, **consts, num_warps=NW)

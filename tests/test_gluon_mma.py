@@ -154,6 +154,11 @@ def test_prepare_refuses_what_the_kernel_cannot_read():
         gm.prepare(prepare(*make_layer(64, 256, 8, 128, True), 8))
     with pytest.raises(ValueError, match="multiple of 128"):
         gm.prepare(prepare(*make_layer(64, 256, 4, 64, True), 4))
+    g = gm.prepare(prepare(*make_layer(64, 256, 4, 128, True), 4))
+    with pytest.raises(ValueError, match="1 to 64 rows"):
+        gm.matmul(torch.randn(65, 256).half(), g)
+    with pytest.raises(ValueError, match="CUDA GPU"):
+        gm.matmul(torch.randn(3, 256).half(), g)
 
 
 # ------------------------------------------------------------------ CPU: compiled for sm_90
