@@ -93,25 +93,14 @@ def gluon_report() -> str:
     """The trial Gluon kernel (kernels/gluon_mma.py) per batch tile: registers, spills, shared
     memory and its K loop's SASS per weight (each thread handles BN * BK / (32 * NW) weights per
     iteration)."""
-    import triton
     from gptq_lab.kernels import gluon_mma as gm
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    kernel = gm._kernel()
     lines = [("| rows (BM) | dtype | regs | spill bytes | smem | K loop instructions | per weight | "
               "HMMA | LOP3 | half2 math | IMAD, MOV, PRMT |"), "|---" * 11 + "|"]
     per_thread = gm.BN * gm.BK // (32 * gm.NW)
     for bm in (8, 16, 32, 64):
         for bf16 in (False, True):
-            consts = {"ZERO": 8, "BF16": bf16, "ATOMIC": True, "BM": bm, "NW": gm.NW, "BK": gm.BK}
-            args = [a for a in kernel.arg_names if a not in consts]
+            compiled = gm.compile_sm90(bm, bf16)
             dt = "bf16" if bf16 else "fp16"
-            signature = {a: ("*i32" if a == "q_ptr" else f"*{dt}") if a.endswith("_ptr") else "i32"
-                         for a in args} | dict.fromkeys(consts, "constexpr")
-            attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(args)
-                     if a.endswith("_ptr") or a in ALIGNED_INTS | {"K"}}
-            compiled = triton.compile(GluonASTSource(kernel, signature, constexprs=consts, attrs=attrs),
-                                      target=GPUTarget("cuda", 90, 32), options={"num_warps": gm.NW})
             r = sass_stats(compiled)
             ops = r["loop ops"]
             half2 = sum(ops.get(o, 0) for o in ("HADD2", "HFMA2", "HMUL2"))

@@ -254,6 +254,27 @@ def _kernel():
     return kernel
 
 
+ALIGNED = ("x_ptr", "q_ptr", "s_ptr", "z_ptr", "out_ptr", "N", "K", "stride_xm", "stride_om",
+           "stride_sg", "group_size")
+
+
+def compile_sm90(bm: int, bf16: bool = False, zero: int = 8, atomic: bool = True):
+    """The kernel compiled for sm_90 without a GPU, specialized as a launch with 16-byte aligned
+    pointers and sizes would be (``ALIGNED``); for the CPU tests and ``triton_sass.py``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    kernel = _kernel()
+    consts = {"ZERO": zero, "BF16": bf16, "ATOMIC": atomic, "BM": bm, "NW": NW, "BK": BK}
+    args = [a for a in kernel.arg_names if a not in consts]
+    dt = "bf16" if bf16 else "fp16"
+    signature = {a: ("*i32" if a == "q_ptr" else f"*{dt}") if a.endswith("_ptr") else "i32"
+                 for a in args} | dict.fromkeys(consts, "constexpr")
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(args) if a in ALIGNED}
+    return triton.compile(GluonASTSource(kernel, signature, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": NW})
+
+
 def launch_args(x: torch.Tensor, g: PreparedGluon, split_k: int):
     """-> (grid, runtime arguments, constexprs, out) for kernel-ordered x [M, K'] (M <= 64)."""
     p = g.base

@@ -163,30 +163,10 @@ def test_prepare_refuses_what_the_kernel_cannot_read():
 
 # ------------------------------------------------------------------ CPU: compiled for sm_90
 
-ALIGNED = {"x_ptr", "q_ptr", "s_ptr", "z_ptr", "out_ptr", "N", "K", "stride_xm", "stride_om",
-           "stride_sg", "group_size"}
-
-
-def compile_sm90(zero: int, bf16: bool, bm: int, atomic: bool):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    kernel = gm._kernel()
-    consts = {"ZERO": zero, "BF16": bf16, "ATOMIC": atomic, "BM": bm, "NW": gm.NW, "BK": gm.BK}
-    args = [a for a in kernel.arg_names if a not in consts]
-    dt = "bf16" if bf16 else "fp16"
-    signature = {a: ("*i32" if a == "q_ptr" else f"*{dt}") if a.endswith("_ptr") else "i32"
-                 for a in args} | dict.fromkeys(consts, "constexpr")
-    # the 16-byte alignment a launch finds for the pointers and the sizes that are multiples of 16
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(args) if a in ALIGNED}
-    return triton.compile(GluonASTSource(kernel, signature, constexprs=consts, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": gm.NW})
-
-
 @pytest.mark.parametrize("zero,bf16,bm,atomic", [(8, False, 16, False), (-1, True, 64, True),
                                                  (-1, False, 32, True), (8, True, 8, False)])
 def test_compiles_for_sm90_with_fragments_loaded_straight_from_memory(zero, bf16, bm, atomic):
-    compiled = compile_sm90(zero, bf16, bm, atomic)       # the assert_trivial conversions pass
+    compiled = gm.compile_sm90(bm, bf16, zero, atomic)    # the assert_trivial conversions pass
     ptx = compiled.asm["ptx"]
     assert compiled.metadata.shared == 0
     assert "ld.shared" not in ptx and "st.shared" not in ptx and "bar.sync" not in ptx
