@@ -40,8 +40,9 @@ W4 GEMM (``w4_ops``) is the large-batch one. Not yet run on a GPU.
 
 Gluon is experimental in Triton: this module imports it only when a kernel is built, and
 ``unavailable()`` says why it cannot run here. The Triton interpreter does not run Gluon, so the
-CPU tests check the layout (compiling for sm_90) and this file's packing against the torch
-reference; the values are checked on a GPU (tests marked ``gpu``).
+CPU tests (``tests/test_gluon_mma.py``) check the layouts (compiling for sm_90), the packing, the
+asm (through a small PTX emulator) and the kernel's steps replayed in torch against the
+reference; the kernel's values are checked on a GPU (tests marked ``gpu``).
 """
 from __future__ import annotations
 
