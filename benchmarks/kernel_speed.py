@@ -203,16 +203,24 @@ def bench_shape(k: int, n: int, batches, act_order: bool, with_cuda: bool = True
             r["cuda_bytes"] = k * n // 2 + 4 * groups * n + io
             r["cuda_rel_err"] = rel_err(y_cuda, ref)
         if p_gluon is not None and m <= gluon_mma.MAX_M:
-            split, r["gluon_splits"] = gluon_split(x16, p_gluon)
-            r["gluon_split"] = split
-            r["gluon_us"] = bench(lambda: gluon_mma.matmul(x16, p_gluon, split),             # noqa: B023
-                                  rot and [lambda q=c["gluon"]: gluon_mma.matmul(x16, q, split)  # noqa: B023
-                                           for c in rot])
-            r["gluon_bytes"] = r["ours_bytes"]
-            r["gluon_rel_err"] = rel_err(gluon_mma.matmul(x16, p_gluon, split), ref)
+            try:                          # a trial kernel: a failure leaves the other columns
+                r |= bench_gluon(x16, p_gluon, rot, ref)
+                r["gluon_bytes"] = r["ours_bytes"]
+            except Exception as e:        # noqa: BLE001 (reported in the row and the table)
+                r["gluon_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
         rows.append(r)
         print(_row_line(r), flush=True)
     return rows
+
+
+def bench_gluon(x16, g, rot, ref) -> dict:
+    """The Gluon kernel's figures for x16: its split, time, and error against ``ref``."""
+    from gptq_lab.kernels import gluon_mma
+    split, splits = gluon_split(x16, g)
+    us = bench(lambda: gluon_mma.matmul(x16, g, split),
+               rot and [lambda q=c["gluon"]: gluon_mma.matmul(x16, q, split) for c in rot])
+    return {"gluon_split": split, "gluon_splits": splits, "gluon_us": us,
+            "gluon_rel_err": rel_err(gluon_mma.matmul(x16, g, split), ref)}
 
 
 def gluon_split(x, g) -> tuple[int, dict]:
@@ -257,6 +265,7 @@ def _row_line(r):
             + (f"  gluon {r['gluon_us']:8.1f} us x{r['fp16_us'] / r['gluon_us']:.2f} "
                f"err {r['gluon_rel_err']:.1e} split {r['gluon_split']} {r['gluon_splits']}"
                if "gluon_us" in r else "")
+            + (f"  gluon FAILED {r['gluon_error']}" if "gluon_error" in r else "")
             + f"  {r['config']}")
 
 
@@ -299,6 +308,9 @@ def table(rows, card: str, peak: float, copy_gbs: float) -> str:
     if "gluon" in kernels:
         text += ("\nGluon kernel (trial, issue #6's targets up to 64 rows):\n"
                  + targets([r for r in rows if "gluon_us" in r], "gluon"))
+    failed = [f"- {r['shape']} M={r['M']}: {r['gluon_error']}" for r in rows if "gluon_error" in r]
+    if failed:
+        text += "\nGluon kernel failures:\n" + "\n".join(failed) + "\n"
     return text
 
 

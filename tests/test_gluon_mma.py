@@ -208,17 +208,20 @@ def test_kernel_speed_table_shows_the_gluon_column_up_to_64_rows(monkeypatch, tm
     from benchmark_loader import load_benchmark
     bench = load_benchmark("kernel_speed", monkeypatch, tmp_path)
     rows = []
-    for m, gluon in ((1, 10.0), (16, 20.0), (64, 40.0), (256, None)):
+    for m, gluon in ((1, 10.0), (16, 20.0), (32, "error"), (64, 40.0), (256, None)):
         r = {"shape": "8192x8192", "K": 8192, "N": 8192, "M": m, "timing": "rotate",
              "fp16_us": 50.0, "fp16_bytes": 134e6, "int4pack_us": 80.0, "int4pack_bytes": 34e6,
              "ours_us": 30.0, "ours_bytes": 34e6, "ours_eager_us": 35.0, "ours_host_us": 20.0}
-        if gluon:
+        if gluon == "error":
+            r["gluon_error"] = "CompilationError: at 1:2"
+        elif gluon:
             r |= {"gluon_us": gluon, "gluon_bytes": 34e6}
         rows.append(r)
     text = bench.table(rows, "NVIDIA H100 80GB HBM3", 3352.0, 3000.0)
     assert "| gluon us | gluon GB/s | gluon %BW | gluon speedup |" in text.splitlines()[3]
     row256 = next(line for line in text.splitlines() if line.startswith("| 8192x8192 | 256 |"))
-    assert "| - | - | - | - |" in row256 and text.count("| - | - | - | - |") == 1
+    assert "| - | - | - | - |" in row256 and text.count("| - | - | - | - |") == 2
+    assert "Gluon kernel failures:\n- 8192x8192 M=32: CompilationError: at 1:2" in text
     gluon = text[text.index("Gluon kernel"):]
     assert "batch 1 8192x8192: 5.00x fp16" in gluon and "batch 16: min 2.50x" in gluon
     assert "batch 64: min 1.25x" in gluon
