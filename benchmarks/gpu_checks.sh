@@ -12,7 +12,7 @@
 # first W4 step builds the GEMM (about 2 minutes on 16 cores); later steps reuse the build
 # (under build/, which a warm machine keeps between calls). Every step's limit fits one 10-minute
 # device call: run them in groups, e.g. `tests`, then `gluon w4-input w4-block`, then
-# `prefill-ab`, `decode-8b` and `kernels` one call each.
+# `w4-batches prefill-ab`, then `decode-8b` and `kernels` one call each.
 #
 # Steps:
 #   tests        the GPU tests (pytest -m gpu): every kernel against the torch reference
@@ -20,13 +20,15 @@
 #                kernel at 1-64 rows on three shapes (a few minutes; the full table is `kernels`)
 #   w4-input     x's permuted copy for the W4 GEMM alone, Triton against torch (no GEMM build)
 #   w4-block     one 7B block at M = 2048: fp16, dequantize + cuBLAS, the W4 GEMM's whole call
+#   w4-batches   the W4 GEMM's whole call at 16-256 rows on three shapes (where it overtakes the
+#                decode kernel and Triton; issue #6's batch 64 and 256 targets)
 #   prefill-ab   7B prefill of 2048 tokens: fp16, int4 with the W4 GEMM off and on, alternated
 #   decode-8b    the GQA Llama-3-8B shape end to end, each model in its own process
 #   kernels      the kernels table of issues #6 and #7 (every backend and the Gluon kernel,
 #                batches 1-256)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ALL=(tests gluon w4-input w4-block prefill-ab decode-8b kernels)
+ALL=(tests gluon w4-input w4-block w4-batches prefill-ab decode-8b kernels)
 STEPS=("$@")
 [ ${#STEPS[@]} -gt 0 ] || STEPS=("${ALL[@]}")
 for s in "${STEPS[@]}"; do
@@ -75,6 +77,7 @@ run() {
     gluon) step gluon 400 "$PY" kernel_speed.py --gluon --shapes 4096x4096,8192x8192,8192x28672 --batches 1,8,16,32,64 ;;
     w4-input) step w4-input 200 "$PY" w4_gemm.py --input 2048 ;;
     w4-block) step w4-block 400 "$PY" w4_gemm.py --shapes "" --prefill-m 2048 ;;
+    w4-batches) step w4-batches 400 "$PY" w4_gemm.py --shapes 8192x8192,8192x28672,4096x11008 --batches 16,32,64,128,256 --prefill-m 0 ;;
     prefill-ab) step prefill-ab 560 "$PY" decode.py --prefill-ab 9 --shapes 7b --kernels cuda+fuse --w4-ab ;;
     decode-8b) step decode-8b 560 "$PY" decode.py --isolate --shapes 8b --paths fast --kernels cuda+fuse --batches none ;;
     kernels) step kernels 560 "$PY" kernel_speed.py --gluon ;;
