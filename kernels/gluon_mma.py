@@ -32,11 +32,10 @@ points are ``triton_pack``'s tensors; act-order activations are permuted per cal
 Triton kernels (``triton_pack.permute_input``).
 
 Compiled for sm_90 on the CPU (``python benchmarks/triton_sass.py --gluon``, 2026-12-08): no
-shared memory, and per weight a thread handles, 2.7 SASS instructions in the K loop at up to 8
-batch rows (48 registers), 3.5 at 16 (68), 4.7 at 32 and 7.2 at 64 (the MMAs grow with the
+shared memory, and per weight a thread handles, 2.1 SASS instructions in the K loop at up to 8
+batch rows (47 registers), 2.6 at 16 (72), 3.4 at 32 and 5.2 at 64 (the MMAs grow with the
 rows); the Triton tensor-core kernel's batch-16 tile counts 6.6 (with 9 barriers and the
-shared-memory round trip), its batch-64 tile 7.2. So this kernel is for up to 16-32 rows; the
-W4 GEMM (``w4_ops``) is the large-batch one. Not yet run on a GPU.
+shared-memory round trip), its batch-64 tile 7.2. Not yet run on a GPU.
 
 Gluon is experimental in Triton: this module imports it only when a kernel is built, and
 ``unavailable()`` says why it cannot run here. The Triton interpreter does not run Gluon, so the
@@ -184,9 +183,9 @@ def _kernel():
 
     @gluon.jit(do_not_specialize=["M"])
     def kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om, stride_sg,
-               group_size, k_tiles, tiles_per_row, tiles_per_split,
+               k_tiles, tiles_per_row, tiles_per_split,
                ZERO: gl.constexpr, BF16: gl.constexpr, ATOMIC: gl.constexpr, BM: gl.constexpr,
-               NW: gl.constexpr, BK: gl.constexpr):
+               NW: gl.constexpr, BK: gl.constexpr, GROUP_TILES: gl.constexpr, EVEN_K: gl.constexpr):
         BN: gl.constexpr = 16 * NW
         R: gl.constexpr = BK // 16
         MAGIC: gl.constexpr = 128.0 if BF16 else 1024.0
@@ -211,8 +210,9 @@ def _kernel():
         on = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
         kk = gl.arange(0, BK, layout=gl.SliceLayout(1, b_layout))
         mm = gl.arange(0, BM, layout=gl.SliceLayout(0, b_layout))
-        x_ptrs = x_ptr + mm[None, :] * stride_xm + kk[:, None]
-        x_live = mm[None, :] < M
+        # rows past M read row M - 1 again (their products are never stored), so x's loads
+        # need no predicate unless K' is not a multiple of BK
+        x_ptrs = x_ptr + gl.minimum(mm, M - 1)[None, :] * stride_xm + kk[:, None]
         acc = gl.zeros([BN, BM], gl.float32, layout=mma)
         # the weights one tile ahead: the next tile's loads are issued before this tile's math
         # (the last iteration loads its own tile again rather than mask the vector loads). x
@@ -221,7 +221,10 @@ def _kernel():
         raw = gl.load(q_ptrs + t_lo * (BN * BK // 8))
         for t in range(t_lo, t_hi):
             raw_next = gl.load(q_ptrs + gl.minimum(t + 1, t_hi - 1) * (BN * BK // 8))
-            xt = gl.load(x_ptrs + t * BK, mask=x_live & (t * BK + kk[:, None] < K), other=0.0)
+            if EVEN_K:
+                xt = gl.load(x_ptrs + t * BK)
+            else:
+                xt = gl.load(x_ptrs + t * BK, mask=t * BK + kk[:, None] < K, other=0.0)
             q = raw.reshape([NW, 8, 4, R // 2, 2]).permute([0, 4, 1, 3, 2]).reshape([BN, BK // 8])
             q = gl.convert_layout(q, q_layout, assert_trivial=True)
             # each word repeated for its 8 codes: [BN, BK] in the MMA operand's layout, the
@@ -229,7 +232,7 @@ def _kernel():
             q2 = gl.join(q, q)
             q = gl.join(gl.join(q2, q2), gl.join(q2, q2)).reshape([BN, BK])
             q = gl.convert_layout(q, a_layout, assert_trivial=True)
-            g = (t * BK) // group_size
+            g = t // GROUP_TILES if GROUP_TILES > 0 else 0      # the tile's group
             if ZERO >= 0:
                 z = gl.full([BN], ZERO, gl.float32, layout=gl.SliceLayout(1, a_layout))
             else:
@@ -256,17 +259,19 @@ def _kernel():
 
 
 ALIGNED = ("x_ptr", "q_ptr", "s_ptr", "z_ptr", "out_ptr", "N", "K", "stride_xm", "stride_om",
-           "stride_sg", "group_size")
+           "stride_sg")
 
 
-def compile_sm90(bm: int, bf16: bool = False, zero: int = 8, atomic: bool = True):
+def compile_sm90(bm: int, bf16: bool = False, zero: int = 8, atomic: bool = True,
+                 group_tiles: int = 1, even_k: bool = True):
     """The kernel compiled for sm_90 without a GPU, specialized as a launch with 16-byte aligned
     pointers and sizes would be (``ALIGNED``); for the CPU tests and ``triton_sass.py``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     kernel = _kernel()
-    consts = {"ZERO": zero, "BF16": bf16, "ATOMIC": atomic, "BM": bm, "NW": NW, "BK": BK}
+    consts = {"ZERO": zero, "BF16": bf16, "ATOMIC": atomic, "BM": bm, "NW": NW, "BK": BK,
+              "GROUP_TILES": group_tiles, "EVEN_K": even_k}
     args = [a for a in kernel.arg_names if a not in consts]
     dt = "bf16" if bf16 else "fp16"
     signature = {a: ("*i32" if a == "q_ptr" else f"*{dt}") if a.endswith("_ptr") else "i32"
@@ -287,10 +292,12 @@ def launch_args(x: torch.Tensor, g: PreparedGluon, split_k: int):
                                                         device=x.device)
     zeros = p.zeros if p.zero < 0 else p.scales                     # unread when uniform
     args = (x, g.qweight, p.scales, zeros, out, m, p.out_features, k_rows, x.stride(0),
-            out.stride(0), p.scales.stride(0), p.group_size, k_tiles, tiles_per_row, per_split)
+            out.stride(0), p.scales.stride(0), k_tiles, tiles_per_row, per_split)
     bm = max(8, 1 << max(m - 1, 0).bit_length())
+    single_group = p.group_size >= k_rows
     consts = {"ZERO": p.zero, "BF16": x.dtype == torch.bfloat16, "ATOMIC": split_k > 1, "BM": bm,
-              "NW": NW, "BK": BK}
+              "NW": NW, "BK": BK, "GROUP_TILES": 0 if single_group else p.group_size // BK,
+              "EVEN_K": k_rows % BK == 0}
     return (n_tiles, -(-k_tiles // per_split)), args, consts, out
 
 

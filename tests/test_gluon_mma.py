@@ -163,10 +163,12 @@ def test_prepare_refuses_what_the_kernel_cannot_read():
 
 # ------------------------------------------------------------------ CPU: compiled for sm_90
 
-@pytest.mark.parametrize("zero,bf16,bm,atomic", [(8, False, 16, False), (-1, True, 64, True),
-                                                 (-1, False, 32, True), (8, True, 8, False)])
-def test_compiles_for_sm90_with_fragments_loaded_straight_from_memory(zero, bf16, bm, atomic):
-    compiled = gm.compile_sm90(bm, bf16, zero, atomic)    # the assert_trivial conversions pass
+@pytest.mark.parametrize("zero,bf16,bm,atomic,group_tiles,even_k", [
+    (8, False, 16, False, 1, True), (-1, True, 64, True, 2, False), (-1, False, 32, True, 0, True),
+    (8, True, 8, False, 1, False)])
+def test_compiles_for_sm90_with_fragments_loaded_straight_from_memory(zero, bf16, bm, atomic,
+                                                                      group_tiles, even_k):
+    compiled = gm.compile_sm90(bm, bf16, zero, atomic, group_tiles, even_k)   # asserts pass
     ptx = compiled.asm["ptx"]
     assert compiled.metadata.shared == 0
     assert "ld.shared" not in ptx and "st.shared" not in ptx and "bar.sync" not in ptx
@@ -186,6 +188,7 @@ h16, b16 = torch.float16, torch.bfloat16
 @pytest.mark.parametrize("n,k,group_size,sym,act_order,dtype", [
     (1512, 576, 128, True, False, h16), (1512, 576, 128, False, True, b16),
     (1000, 1320, -1, False, False, h16), (4096, 4096, 128, False, True, h16),
+    (1000, 1320, 128, True, False, b16),
     (4096, 4096, 128, True, False, b16), (200, 1024, 256, False, False, h16)])
 def test_gpu_matches_reference(n, k, group_size, sym, act_order, dtype):
     assert gm.unavailable() is None, gm.unavailable()
