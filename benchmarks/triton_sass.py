@@ -36,13 +36,14 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def inspect(cfg, bits: int = 4, zero: int = 8) -> dict:
-    """Compile ``cfg`` (a gemm ``KernelConfig``) for sm_90a; -> resources and wgmma figures."""
+def inspect(cfg, bits: int = 4, zero: int = 8, k: int = 4096) -> dict:
+    """Compile ``cfg`` (a gemm ``KernelConfig``) for sm_90a, for x [M, k]; -> resources and wgmma
+    figures."""
     import triton
     from gptq_lab.kernels.triton_gemm import _gemm_kernel, launch_meta
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    meta = launch_meta(cfg, bits, zero, torch.float16, on_cuda=True)
+    meta = launch_meta(cfg, bits, zero, torch.float16, on_cuda=True, k_rows=k)
     options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
     args = [a for a in _gemm_kernel.arg_names if a not in meta]      # the runtime arguments
     signature = {a: ("*i32" if a == "qw_ptr" else "*fp16") if a.endswith("_ptr") else "i32"
@@ -138,7 +139,7 @@ def main(argv=None) -> None:
           "spill bytes | HGMMA | waits | loop waits | serialized |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c in configs:
-        r = inspect(c)
+        r = inspect(c, k=args.k)
         print(f"| {c.block_m} | {c.block_n} | {c.block_k} | {c.num_warps} | {c.num_stages} | {c.swap} | "
               f"{c.deq_first} | {r['regs']} | {r['smem']} | {r['spill bytes']} | {r['HGMMA']} | "
               f"{r['waits']} | {r['loop waits']} | {'yes' if r['serialized'] else 'no'} |", flush=True)

@@ -116,7 +116,8 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
                  stride_sg, group_size, split_k,
                  BITS: tl.constexpr, ZERO: tl.constexpr, MAGIC: tl.constexpr, OFFSET: tl.constexpr,
                  DEQ_FIRST: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN_K: tl.constexpr):
     P: tl.constexpr = 32 // BITS
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -125,11 +126,14 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
     t_lo, t_hi = _k_tiles(K, BLOCK_K, split_k, pid_k)
     q_ptrs = qw_ptr + offs_n[:, None] * stride_qn + tl.arange(0, BLOCK_K // P)[None, :]
     dtype = x_ptr.dtype.element_ty
+    # rows past M read row M - 1 again (their results are never stored), so x's loads need no
+    # predicate unless K is not a multiple of BLOCK_K (EVEN_K)
+    rows = tl.minimum(offs_m, M - 1)
     if SWAP:        # out^T [BN, BM] = W^T [BN, BK] @ x^T [BK, BM]: weights fill the MMA rows
-        x_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]
+        x_ptrs = x_ptr + rows[None, :] * stride_xm + offs_k[:, None]
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:           # out [BM, BN] = x [BM, BK] @ W [BK, BN]: weights go to shared memory
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+        x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(t_lo, t_hi):
         k0 = t * BLOCK_K
@@ -139,8 +143,10 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
         if DEQ_FIRST:
             w = (w - zf.to(dtype)[:, None]) * s.to(dtype)[:, None]
         if SWAP:
-            xt = tl.load(x_ptrs + k0, mask=(offs_m[None, :] < M) & (k0 + offs_k[:, None] < K),
-                         other=0.0)                                               # [BK, BM]
+            if EVEN_K:
+                xt = tl.load(x_ptrs + k0)                                         # [BK, BM]
+            else:
+                xt = tl.load(x_ptrs + k0, mask=k0 + offs_k[:, None] < K, other=0.0)
             if DEQ_FIRST:
                 acc = tl.dot(w, xt, acc)
             else:
@@ -148,8 +154,10 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
                 xs = tl.sum(xt.to(tl.float32), axis=0)                            # [BM]
                 acc += s[:, None] * (part - zf[:, None] * xs[None, :])
         else:
-            xm = tl.load(x_ptrs + k0, mask=(offs_m[:, None] < M) & (k0 + offs_k[None, :] < K),
-                         other=0.0)                                               # [BM, BK]
+            if EVEN_K:
+                xm = tl.load(x_ptrs + k0)                                         # [BM, BK]
+            else:
+                xm = tl.load(x_ptrs + k0, mask=k0 + offs_k[None, :] < K, other=0.0)
             if DEQ_FIRST:
                 acc = tl.dot(xm, tl.trans(w), acc)
             else:
@@ -275,16 +283,17 @@ def _plan(x: torch.Tensor, p: PreparedGPTQ, cfg: KernelConfig):
     zeros = p.zeros if p.zero < 0 else p.scales                          # unused when uniform
     args = (x, p.qweight, p.scales, zeros, out, m, n, k_rows, x.stride(0), out.stride(0),
             p.qweight.stride(0), p.scales.stride(0), p.group_size, cfg.split_k)
-    meta = launch_meta(cfg, p.bits, p.zero, x.dtype, x.is_cuda)
+    meta = launch_meta(cfg, p.bits, p.zero, x.dtype, x.is_cuda, k_rows)
     if cfg.kind == "gemv":
         return _gemv_kernel, (triton.cdiv(n, cfg.block_n), cfg.split_k, m), args, meta, out
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), cfg.split_k)
     return _gemm_kernel, grid, args, meta, out
 
 
-def launch_meta(cfg: KernelConfig, bits: int, zero: int, dtype: torch.dtype, on_cuda: bool) -> dict:
-    """The constexpr arguments and launch options of a gemv/gemm ``cfg`` (what Triton
-    specializes on besides the tensors)."""
+def launch_meta(cfg: KernelConfig, bits: int, zero: int, dtype: torch.dtype, on_cuda: bool,
+                k_rows: int) -> dict:
+    """The constexpr arguments and launch options of a gemv/gemm ``cfg`` on x [M, k_rows] (what
+    Triton specializes on besides the tensors)."""
     meta = {"BITS": bits, "ZERO": zero, "ASM": on_cuda, "BLOCK_N": cfg.block_n,
             "BLOCK_K": cfg.block_k, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     if cfg.kind == "gemv":
@@ -292,7 +301,7 @@ def launch_meta(cfg: KernelConfig, bits: int, zero: int, dtype: torch.dtype, on_
         return meta
     magic, offset = _magic(bits, dtype)
     meta.update(MAGIC=magic, OFFSET=offset, DEQ_FIRST=cfg.deq_first, SWAP=cfg.swap,
-                BLOCK_M=cfg.block_m)
+                BLOCK_M=cfg.block_m, EVEN_K=k_rows % cfg.block_k == 0)
     return meta
 
 

@@ -147,6 +147,7 @@ def interpreter_cases():
         (72, 96, 4, 32, False, True, h, C("gemm", block_n=64, block_k=32, swap=False)),
         (72, 128, 8, -1, True, False, h, C("gemm", block_n=32, block_k=64, swap=False,
                                            deq_first=True, split_k=2)),
+        (72, 160, 4, -1, False, False, h, C("gemm", block_n=32, block_k=64, swap=False)),  # K % 64
     ]
 
 
@@ -158,7 +159,7 @@ def run_interpreter_cases() -> list[str]:
     for n, k, bits, gs, sym, act, dtype, cfg in interpreter_cases():
         layer = make_layer(n, k, bits, gs, sym, act, seed=n + k + bits)
         p, w = prepare(*layer, bits), dequantize_gptq(*layer, bits)
-        for m in (1, 3):
+        for m in (1, 3, 19):                 # 19: a second row tile, past M clamped to row 18
             x = torch.randn(m, k).to(dtype)
             err = rel_err(matmul(x, p, cfg), x.double() @ w.double())
             if not err < TOL[dtype]:
