@@ -11,7 +11,8 @@ the runtime sees) and its PTX assembled again by the ptxas Triton ships, whose `
 "wgmma.mma_async instructions are serialized" (warning C7515) when it must wait for every wgmma
 before issuing the next. Columns: HGMMA = wgmma instructions in the SASS, waits = full waits on
 them ("WARPGROUP.DEPBAR.LE gsb0, 0x0"), loop waits = those inside the K loop (none: the
-wgmmas stay in flight while the next tile is dequantized), serialized = that warning. A
+wgmmas stay in flight while the next tile is dequantized), serialized = that warning, K loop
+per weight = the SASS instructions of the K loop per weight a thread handles in one step. A
 serialized loop cannot overlap its dequantization with the tensor cores, so such tiles only
 compete through occupancy (other blocks on the SM).
 ``--gluon`` reports the Gluon kernel (``kernels/gluon_mma.py``) per batch tile: its K loop's
@@ -54,8 +55,10 @@ def inspect(cfg, bits: int = 4, zero: int = 8, k: int = 4096) -> dict:
     kernel = triton.compile(ASTSource(_gemm_kernel, signature, constexprs=meta, attrs=attrs),
                             target=GPUTarget("cuda", 90, 128), options=options)
     stats = sass_stats(kernel)
-    return {k: stats[k] for k in ("regs", "smem", "spill bytes", "HGMMA", "waits", "loop waits",
-                                  "serialized")}
+    per_thread = cfg.block_n * cfg.block_k / (32 * cfg.num_warps)       # weights per K step
+    return {**{k: stats[k] for k in ("regs", "smem", "spill bytes", "HGMMA", "waits", "loop waits",
+                                     "serialized")},
+            "per weight": stats["loop"] / per_thread}
 
 
 def sass_stats(kernel) -> dict:
@@ -136,13 +139,14 @@ def main(argv=None) -> None:
         configs = list(dict.fromkeys(replace(c, split_k=1)              # (split_k: same code)
                                      for c in candidates(args.m, p, args.k, 132) if c.kind == "gemm"))
     print("| block_m | block_n | block_k | warps | stages | swap | deq_first | regs | smem | "
-          "spill bytes | HGMMA | waits | loop waits | serialized |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "spill bytes | HGMMA | waits | loop waits | serialized | K loop per weight |")
+    print("|---" * 15 + "|")
     for c in configs:
         r = inspect(c, k=args.k)
         print(f"| {c.block_m} | {c.block_n} | {c.block_k} | {c.num_warps} | {c.num_stages} | {c.swap} | "
               f"{c.deq_first} | {r['regs']} | {r['smem']} | {r['spill bytes']} | {r['HGMMA']} | "
-              f"{r['waits']} | {r['loop waits']} | {'yes' if r['serialized'] else 'no'} |", flush=True)
+              f"{r['waits']} | {r['loop waits']} | {'yes' if r['serialized'] else 'no'} | "
+              f"{r['per weight']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
