@@ -40,20 +40,15 @@ def _tool(name: str) -> str:
 def inspect(cfg, bits: int = 4, zero: int = 8, k: int = 4096) -> dict:
     """Compile ``cfg`` (a gemm ``KernelConfig``) for sm_90a, for x [M, k]; -> resources and wgmma
     figures."""
-    import triton
+    from gptq_lab.kernels.sm90 import compile_for_sm90
     from gptq_lab.kernels.triton_gemm import _gemm_kernel, launch_meta
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     meta = launch_meta(cfg, bits, zero, torch.float16, on_cuda=True, k_rows=k)
     options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
-    args = [a for a in _gemm_kernel.arg_names if a not in meta]      # the runtime arguments
-    signature = {a: ("*i32" if a == "qw_ptr" else "*fp16") if a.endswith("_ptr") else "i32"
-                 for a in args} | {k: "constexpr" for k in meta}
+    args = {a: ("*i32" if a == "qw_ptr" else "*fp16") if a.endswith("_ptr") else "i32"
+            for a in _gemm_kernel.arg_names if a not in meta}           # the runtime arguments
     # the 16-byte alignment the runtime sees: every pointer, every size but M and split_k
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(args)
-             if a.endswith("_ptr") or a in ALIGNED_INTS}
-    kernel = triton.compile(ASTSource(_gemm_kernel, signature, constexprs=meta, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 128), options=options)
+    aligned = [a for a in args if a.endswith("_ptr") or a in ALIGNED_INTS]
+    kernel = compile_for_sm90(_gemm_kernel, args, meta, aligned, **options)
     stats = sass_stats(kernel)
     per_thread = cfg.block_n * cfg.block_k / (32 * cfg.num_warps)       # weights per K step
     return {**{k: stats[k] for k in ("regs", "smem", "spill bytes", "HGMMA", "waits", "loop waits",
@@ -72,15 +67,14 @@ def sass_stats(kernel) -> dict:
                              capture_output=True, text=True, check=True).stderr
         sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True,
                               text=True, check=True).stdout
-    loop_waits, loop = 0, []
+    loop: list[str] = []                             # the longest loop: the K loop
     code = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     for address, text in code:                       # a backward branch closes a loop
         target = re.search(r"BRA 0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < address:
             start = int(target.group(1), 16)
-            body = [t for a, t in code if start <= a <= address]
-            loop_waits = sum("WARPGROUP.DEPBAR.LE gsb0, 0x0" in t for t in body)
-            loop = max(loop, body, key=len)
+            loop = max(loop, [t for a, t in code if start <= a <= address], key=len)
+    loop_waits = sum("WARPGROUP.DEPBAR.LE gsb0, 0x0" in t for t in loop)
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores", log)
     ops: dict[str, int] = {}

@@ -52,7 +52,7 @@ import torch
 from triton.language import constexpr
 from triton.runtime.jit import constexpr_function
 
-from .triton_pack import PreparedGPTQ, permute_input
+from .triton_pack import PreparedGPTQ, permute_input, unpack_kernel_codes
 
 NW = 4                  # warps per CTA
 BN = 16 * NW            # outputs per CTA: one m16 MMA row block per warp
@@ -127,18 +127,23 @@ def pack_words(codes: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
+def group_tiles(p: PreparedGPTQ) -> int:
+    """K tiles per group (0: one group for all of K'); ValueError where a tile would straddle
+    two groups (the kernel scales each tile's product by one group's scales)."""
+    k_rows = p.perm.numel() if p.perm is not None else p.in_features
+    if p.group_size >= k_rows:
+        return 0
+    if p.group_size % BK:
+        raise ValueError(f"group_size={p.group_size} must be a multiple of {BK} (or one group)")
+    return p.group_size // BK
+
+
 def prepare(p: PreparedGPTQ) -> PreparedGluon:
     """A 4-bit ``triton_pack`` layer -> the Gluon kernel's layout (a new copy of the weights)."""
     if p.bits != 4:
         raise ValueError(f"the Gluon kernel reads 4-bit layers, got bits={p.bits}")
-    k_rows = p.perm.numel() if p.perm is not None else p.in_features
-    single_group = p.group_size >= k_rows
-    if not single_group and p.group_size % BK:
-        raise ValueError(f"group_size={p.group_size} must be a multiple of {BK} (or one group)")
-    np_, words = p.qweight.shape
-    w = p.qweight.to(torch.int64) & 0xFFFFFFFF                   # triton_pack's interleave
-    w = w.reshape(np_, words // 4, 1, 4)
-    codes = ((w >> (torch.arange(8, device=w.device) * 4)[None, None, :, None]) & 15).reshape(np_, -1)
+    group_tiles(p)                                                  # refuses straddling tiles
+    codes = unpack_kernel_codes(p.qweight, p.bits)                  # [Np, Kp]
     return PreparedGluon(words_to_tiles(pack_words(codes)).contiguous(), p)
 
 
@@ -258,27 +263,20 @@ def _kernel():
     return kernel
 
 
-ALIGNED = ("x_ptr", "q_ptr", "s_ptr", "z_ptr", "out_ptr", "N", "K", "stride_xm", "stride_om",
-           "stride_sg")
-
-
 def compile_sm90(bm: int, bf16: bool = False, zero: int = 8, atomic: bool = True,
                  group_tiles: int = 1, even_k: bool = True):
-    """The kernel compiled for sm_90 without a GPU, specialized as a launch with 16-byte aligned
-    pointers and sizes would be (``ALIGNED``); for the CPU tests and ``triton_sass.py``."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    """The kernel compiled for sm_90 without a GPU, as a launch with 16-byte aligned pointers and
+    sizes would specialize it; for the CPU tests and ``triton_sass.py``."""
+    from .sm90 import compile_for_sm90
     kernel = _kernel()
     consts = {"ZERO": zero, "BF16": bf16, "ATOMIC": atomic, "BM": bm, "NW": NW, "BK": BK,
               "GROUP_TILES": group_tiles, "EVEN_K": even_k}
-    args = [a for a in kernel.arg_names if a not in consts]
     dt = "bf16" if bf16 else "fp16"
-    signature = {a: ("*i32" if a == "q_ptr" else f"*{dt}") if a.endswith("_ptr") else "i32"
-                 for a in args} | dict.fromkeys(consts, "constexpr")
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(args) if a in ALIGNED}
-    return triton.compile(GluonASTSource(kernel, signature, constexprs=consts, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": NW})
+    args = {a: ("*i32" if a == "q_ptr" else f"*{dt}") if a.endswith("_ptr") else "i32"
+            for a in kernel.arg_names if a not in consts}
+    aligned = [a for a in args if a.endswith("_ptr") or a in ("N", "K", "stride_xm", "stride_om",
+                                                               "stride_sg")]
+    return compile_for_sm90(kernel, args, consts, aligned, num_warps=NW)
 
 
 def launch_args(x: torch.Tensor, g: PreparedGluon, split_k: int):
@@ -294,10 +292,8 @@ def launch_args(x: torch.Tensor, g: PreparedGluon, split_k: int):
     args = (x, g.qweight, p.scales, zeros, out, m, p.out_features, k_rows, x.stride(0),
             out.stride(0), p.scales.stride(0), k_tiles, tiles_per_row, per_split)
     bm = max(8, 1 << max(m - 1, 0).bit_length())
-    single_group = p.group_size >= k_rows
     consts = {"ZERO": p.zero, "BF16": x.dtype == torch.bfloat16, "ATOMIC": split_k > 1, "BM": bm,
-              "NW": NW, "BK": BK, "GROUP_TILES": 0 if single_group else p.group_size // BK,
-              "EVEN_K": k_rows % BK == 0}
+              "NW": NW, "BK": BK, "GROUP_TILES": group_tiles(p), "EVEN_K": k_rows % BK == 0}
     return (n_tiles, -(-k_tiles // per_split)), args, consts, out
 
 

@@ -98,6 +98,15 @@ def pack_kernel_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return words.reshape(n, kp // p).to(torch.int32)
 
 
+def unpack_kernel_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of ``pack_kernel_codes``: int32 [Np, Kp // P] -> codes [Np, Kp] (int64)."""
+    np_, words = qweight.shape
+    per, r = 32 // bits, bits
+    w = (qweight.to(torch.int64) & 0xFFFFFFFF).reshape(np_, words // r, 1, r)
+    shifts = (torch.arange(per, device=w.device) * bits)[None, None, :, None]
+    return ((w >> shifts) & ((1 << bits) - 1)).reshape(np_, -1)
+
+
 def prepare(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor,
             bits: int, *, v1: bool = False) -> PreparedGPTQ:
     """Checkpoint tensors (layout above, any device) -> PreparedGPTQ on the same device.
@@ -144,14 +153,9 @@ def permute_input(x: torch.Tensor, p: PreparedGPTQ) -> torch.Tensor:
 
 def dequantize_prepared(p: PreparedGPTQ) -> torch.Tensor:
     """The weight in kernel order, float32 [K', N]: x_kernel @ W equals x @ W_checkpoint."""
-    np_, words = p.qweight.shape
-    per, r = 32 // p.bits, p.bits
-    w = p.qweight.to(torch.int64) & 0xFFFFFFFF
-    w = w.reshape(np_, words // r, 1, r)
-    shifts = (torch.arange(per, device=w.device) * p.bits)[None, None, :, None]
-    codes = ((w >> shifts) & ((1 << p.bits) - 1)).reshape(np_, -1)                # [Np, Kp]
+    codes = unpack_kernel_codes(p.qweight, p.bits)                                # [Np, Kp]
     k_rows = p.perm.numel() if p.perm is not None else p.in_features
-    g = torch.arange(k_rows, device=w.device) // p.group_size                     # [K']
+    g = torch.arange(k_rows, device=codes.device) // p.group_size                 # [K']
     zeros = (p.zeros.float() if p.zero < 0
              else torch.full_like(p.scales, p.zero, dtype=torch.float32))
     deq = p.scales.float()[g] * (codes[:, :k_rows].t().float() - zeros[g])        # [K', Np]

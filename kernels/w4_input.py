@@ -9,9 +9,9 @@ kernel moves at a fraction of the memory bandwidth (H100, thirteenth session: a 
 spent 30-73 us beside its GEMM at M = 2048). Here each program reads a tile of x whole (16-byte
 vector loads), permutes it in registers (``tl.permute``; Triton moves it through shared memory)
 and writes its tile of the result contiguously: one pass over x. With act-order the tile is
-gathered through ``perm`` instead (2-byte loads), then permuted the same way. A first version gathered every column that
-way and took 98 us on the 7B down projection's x at M = 2048 (H100, fifteenth session: three
-times the bandwidth's time, and slower than torch's copy).
+gathered through ``perm`` instead (2-byte loads), then permuted the same way. A first version
+gathered every column that way and took 98 us on the 7B down projection's x at M = 2048 (H100,
+fifteenth session: three times the bandwidth's time, and slower than torch's copy).
 
 Eager calls use this; under ``torch.compile`` ``w4_ops.w4_mm`` keeps the torch version, which
 Inductor fuses into the kernel that produces x.

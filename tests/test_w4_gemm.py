@@ -139,16 +139,10 @@ def test_scales_kernel_compiles_for_sm90(dtype):
 
 
 def _sm90_ptx(kernel, signature: dict, constexprs: dict, aligned: tuple[str, ...] = ()) -> str:
-    """PTX of a Triton kernel compiled for sm_90 (``signature`` without the constexprs);
-    ``aligned`` names the arguments a launch would find divisible by 16 (Triton specializes on
-    that at run time, e.g. a 16-byte aligned pointer or a row length of 4096)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    attrs = {(list(signature).index(a),): [["tt.divisibility", 16]] for a in aligned}
-    signature = {**signature, **dict.fromkeys(constexprs, "constexpr")}
-    return triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 128)).asm["ptx"]
+    """PTX of a Triton kernel compiled for sm_90 (``signature`` without the constexprs;
+    ``aligned``: the arguments a launch would find divisible by 16)."""
+    from gptq_lab.kernels.sm90 import compile_for_sm90
+    return compile_for_sm90(kernel, signature, constexprs, aligned).asm["ptx"]
 
 
 INPUT_CHECK = """
